@@ -1,0 +1,16 @@
+"""regc frontends: torch capture and the ONNX importer. Importing registers them with regc core."""
+
+from regc.frontend.torch_capture import capture
+from regc.plugins import register_capture, register_loader
+
+
+def _load_onnx(path: str, **kw):
+    from regc.frontend.onnx_import import load_onnx
+
+    return load_onnx(path, **kw)
+
+
+register_capture(capture)
+register_loader(".onnx", _load_onnx)
+
+__all__ = ["capture"]

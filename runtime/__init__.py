@@ -1,0 +1,1 @@
+"""regc runtime: load, run and benchmark compiled artifacts."""

@@ -9,7 +9,7 @@ import torch
 
 from regc.errors import ModelFormatError
 from regc.ir import Model
-from regc.plugins import capture_fn, loader_for, target
+from regc.plugins import loader_for, require, target
 
 __all__ = ["capture", "load", "lower"]
 
@@ -17,7 +17,7 @@ __all__ = ["capture", "load", "lower"]
 def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
             dynamic_shapes: Any = None, **kw: Any) -> Model:
     """Capture a torch module with torch.export (see ``regc.frontend.torch_capture.capture``)."""
-    return capture_fn()(module, example_inputs, dynamic_shapes, **kw)
+    return require("capture")(module, example_inputs, dynamic_shapes, **kw)
 
 
 def load(path: str | Path, **kw: Any) -> Model:

@@ -19,24 +19,22 @@ from regc.errors import ConfigError, ModelFormatError
 __all__ = [
     "load_plugins",
     "register_loader",
-    "register_capture",
-    "capture_fn",
+
     "register_exporter",
     "register_target",
-    "register_artifact_runner",
+    "provide",
+    "require",
     "loader_for",
     "exporter_for",
     "target",
     "targets",
-    "artifact_runner_for",
     "Target",
 ]
 
 _LOADERS: dict[str, Callable[..., Any]] = {}
 _EXPORTERS: dict[str, Callable[..., Any]] = {}
 _TARGETS: dict[str, "Target"] = {}
-_RUNNERS: list[tuple[Callable[[Path], bool], Callable[[Path], Any]]] = []
-_CAPTURE: list[Callable[..., Any]] = []
+_SERVICES: dict[str, Any] = {}
 _loaded = False
 
 
@@ -62,13 +60,16 @@ def register_loader(suffix: str, fn: Callable[..., Any]) -> None:
     _LOADERS[suffix.lower()] = fn
 
 
-def register_capture(fn: Callable[..., Any]) -> None:
-    _CAPTURE[:] = [fn]
+def provide(name: str, obj: Any) -> None:
+    """Offer a named service to core (e.g. "capture", "open_artifact", "bench")."""
+    _SERVICES[name] = obj
 
 
-def capture_fn() -> Callable[..., Any]:
+def require(name: str) -> Any:
     load_plugins()
-    return _CAPTURE[0]
+    if name not in _SERVICES:
+        raise RuntimeError(f"regc is installed without the plug-in that provides '{name}'; reinstall regc")
+    return _SERVICES[name]
 
 
 def register_exporter(suffix: str, fn: Callable[..., Any]) -> None:
@@ -79,10 +80,6 @@ def register_target(t: Target) -> None:
     if t.name in _TARGETS:
         raise ValueError(f"target '{t.name}' is registered twice")
     _TARGETS[t.name] = t
-
-
-def register_artifact_runner(matches: Callable[[Path], bool], open_fn: Callable[[Path], Any]) -> None:
-    _RUNNERS.append((matches, open_fn))
 
 
 def loader_for(path: str) -> Callable[..., Any]:
@@ -116,14 +113,3 @@ def target(name: str) -> Target:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown target '{name}'{hint} Known targets: {', '.join(sorted(_TARGETS))}")
     return _TARGETS[name]
-
-
-def artifact_runner_for(path: Path) -> Callable[[Path], Any]:
-    load_plugins()
-    for matches, open_fn in _RUNNERS:
-        if matches(path):
-            return open_fn
-    raise ModelFormatError(
-        f"{path}: not a runnable artifact (expected an .onnx file or a compiled target folder "
-        "with meta.json written by 'regc compile -t TARGET')"
-    )

@@ -196,7 +196,7 @@ def _coerce(pass_name: str, key: str, value: Any, tp: Any) -> Any:
             v = _coerce(pass_name, key, value, type(args[0]))
         check_choice(pass_name, key, v, args)
         return v
-    if origin in (tuple, list):
+    if origin in (tuple, list) or tp in (tuple, list):
         items = value.split(":") if isinstance(value, str) else list(value)
         item_tp = args[0] if args else str
         return tuple(_coerce(pass_name, key, i, item_tp) for i in items)

@@ -19,6 +19,7 @@ become passes with ``register_rules``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any as _AnyT
 from typing import Callable, Iterable, Sequence
 
@@ -229,4 +230,5 @@ def register_rules(name: str, rules: Iterable[Rule], *, phase: Phase = Phase.CAN
         return PassResult(model, n > 0, {"rewrites": n, "by_rule": fired})
 
     run.__doc__ = doc or f"Rule set '{name}': " + ", ".join(r.name for r in rules)
+    run.__module__ = sys._getframe(1).f_globals.get("__name__", __name__)  # the registering module
     register_pass(name, _NoOptions, phase=phase, exact=exact)(run)

@@ -1,7 +1,7 @@
 """regc frontends: torch capture and the ONNX importer. Importing registers them with regc core."""
 
 from regc.frontend.torch_capture import capture
-from regc.plugins import register_capture, register_loader
+from regc.plugins import provide, register_loader
 
 
 def _load_onnx(path: str, **kw):
@@ -10,7 +10,7 @@ def _load_onnx(path: str, **kw):
     return load_onnx(path, **kw)
 
 
-register_capture(capture)
+provide("capture", capture)
 register_loader(".onnx", _load_onnx)
 
 __all__ = ["capture"]

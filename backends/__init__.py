@@ -1,8 +1,11 @@
-"""regc backends: ONNX export, TVM lowering, Triton kernels. Importing registers them with regc core."""
+"""regc backends: ONNX export and TVM lowering. Importing registers them with regc core."""
 
 from regc.backends.onnx_export import export_onnx
-from regc.plugins import register_exporter
+from regc.backends.tvm_backend import TARGETS as _TVM_TARGETS
+from regc.plugins import register_exporter, register_target
 
 register_exporter(".onnx", export_onnx)
+for _t in _TVM_TARGETS:
+    register_target(_t)
 
 __all__ = ["export_onnx"]

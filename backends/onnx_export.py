@@ -16,6 +16,7 @@ import torch
 
 from regc.errors import LoweringError
 from regc.ir import Model
+from regc.plugins import onnx_translations
 
 __all__ = ["export_onnx", "OPSET"]
 
@@ -25,6 +26,7 @@ OPSET = 18
 def export_onnx(model: Model, path: str, *, opset: int = OPSET) -> None:
     """Write ``model`` as one self-contained ONNX file at ``path`` (weights inline, < 2 GB)."""
     path = Path(path)
+    table, functions = onnx_translations()
     try:
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
@@ -34,14 +36,16 @@ def export_onnx(model: Model, path: str, *, opset: int = OPSET) -> None:
                 dynamo=True,
                 input_names=list(model.input_names),
                 output_names=list(model.output_names),
-                dynamic_shapes=model.dynamic_shapes,
+                dynamic_shapes=model.export_dynamic_shapes(),
                 opset_version=opset,
                 verbose=False,
+                custom_translation_table=table or None,
             )
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LoweringError(f"ONNX export failed: {first}") from e
     proto = prog.model_proto
+    _attach_functions(proto, functions)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False)
     tmp.close()
@@ -53,15 +57,29 @@ def export_onnx(model: Model, path: str, *, opset: int = OPSET) -> None:
             os.unlink(tmp.name)
 
 
+def _attach_functions(proto: onnx.ModelProto, functions: dict) -> None:
+    """Give each custom-domain op the graph uses its registered function body, so onnxruntime runs it."""
+    used = {(n.domain, n.op_type) for n in proto.graph.node} - {(f.domain, f.name) for f in proto.functions}
+    for key in sorted(used & set(functions)):
+        proto.functions.append(functions[key])
+        if all(o.domain != key[0] for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid(key[0], 1))
+
+
 class _quiet:
     """Silence the exporter's progress prints on stdout (they would corrupt ``--json`` output)."""
 
     def __enter__(self):
         import contextlib
         import io
+        import logging
 
         self._ctx = contextlib.redirect_stdout(io.StringIO())
         self._ctx.__enter__()
+        self._log = logging.getLogger("torch.onnx")  # "torchvision is not installed" warnings
+        self._level = self._log.level
+        self._log.setLevel(logging.ERROR)
 
     def __exit__(self, *exc):
+        self._log.setLevel(self._level)
         self._ctx.__exit__(*exc)

@@ -88,6 +88,14 @@ class Model:
                         f"(dim {i} is static; capture with dynamic_shapes to vary it)"
                     )
 
+    def export_dynamic_shapes(self) -> Any:
+        """``dynamic_shapes`` by position, as ``torch.export`` wants it when re-exporting ``gm``
+        (whose forward takes positional arguments, whatever the original names were)."""
+        ds = self.dynamic_shapes
+        if isinstance(ds, dict):
+            return tuple(ds.get(name) for name in self.input_names)
+        return ds
+
     def _dynamic_dims(self, name: str) -> set[int]:
         ds = self.dynamic_shapes
         if ds is None:

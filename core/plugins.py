@@ -29,12 +29,16 @@ __all__ = [
     "target",
     "targets",
     "Target",
+    "register_onnx_translation",
+    "onnx_translations",
 ]
 
 _LOADERS: dict[str, Callable[..., Any]] = {}
 _EXPORTERS: dict[str, Callable[..., Any]] = {}
 _TARGETS: dict[str, "Target"] = {}
 _SERVICES: dict[str, Any] = {}
+_ONNX_TRANSLATIONS: dict[Any, Callable[..., Any]] = {}
+_ONNX_FUNCTIONS: dict[tuple[str, str], Any] = {}
 _loaded = False
 
 
@@ -70,6 +74,19 @@ def require(name: str) -> Any:
     if name not in _SERVICES:
         raise RuntimeError(f"regc is installed without the plug-in that provides '{name}'; reinstall regc")
     return _SERVICES[name]
+
+
+def register_onnx_translation(op: Any, fn: Callable[..., Any], functions: tuple[Any, ...] = ()) -> None:
+    """Teach the ONNX exporter a custom torch op: ``fn`` is its onnxscript translation, ``functions``
+    the ``onnx.FunctionProto`` bodies of the custom-domain ONNX ops it emits (attached when used)."""
+    _ONNX_TRANSLATIONS[op] = fn
+    for f in functions:
+        _ONNX_FUNCTIONS[(f.domain, f.name)] = f
+
+
+def onnx_translations() -> tuple[dict[Any, Callable[..., Any]], dict[tuple[str, str], Any]]:
+    """(custom translation table, function bodies by (domain, name)) registered so far."""
+    return dict(_ONNX_TRANSLATIONS), dict(_ONNX_FUNCTIONS)
 
 
 def register_exporter(suffix: str, fn: Callable[..., Any]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import types
 import typing
 from typing import Any, Callable
 
@@ -183,7 +184,7 @@ def check_choice(pass_name: str, field: str, value: Any, choices: typing.Iterabl
 def _coerce(pass_name: str, key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         non_none = [a for a in args if a is not type(None)]
         if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
             return None

@@ -1,0 +1,461 @@
+"""Lower a ``regc.Model`` with TVM Relax and save it as a folder that ``regc.runtime`` opens.
+
+    torch.export (training IR) -> run_decompositions -> TVM's torch frontend, every weight a function
+    input -> detach_params -> relax.build for a named preset -> TvmArtifact.save(folder)
+
+The folder holds ``model.so`` (kernels + Relax VM bytecode, no weights), ``model.params`` (weights in
+TVM's tensor-list format, keyed by parameter name) and ``meta.json`` (inputs, outputs, parameter
+order, target, versions, sha256 of ``model.so``). Buffers and tensor constants (BatchNorm statistics,
+packed weights a pass stored as buffers) are lifted to parameters first, so no weight is baked into
+the code and one ``.so`` serves many weight sets. Builds are untuned (see ARCHITECTURE.md section 5).
+``tvm`` is imported inside functions: importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from regc.errors import ConfigError, InputMismatchError, LoweringError, ModelFormatError
+from regc.ir import Model
+from regc.plugins import Target
+
+__all__ = [
+    "FORMAT_VERSION",
+    "META_FILE",
+    "PARAMS_FILE",
+    "PRESETS",
+    "SO_FILE",
+    "TARGETS",
+    "ArtifactMeta",
+    "Preset",
+    "TensorSpec",
+    "TvmArtifact",
+    "lower_tvm",
+]
+
+FORMAT_VERSION = 1
+SO_FILE = "model.so"
+PARAMS_FILE = "model.params"
+META_FILE = "meta.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named TVM target.
+
+    Attributes:
+        name: the name users pass (``regc compile -t NAME``).
+        description: one line for ``regc targets``.
+        target: the TVM 0.27 target dict.
+        arch: the host machine (``platform.machine()``) the ``.so`` loads on.
+        cross_compiler: the g++ that links the ``.so`` when it is not the host's.
+        cross_package: the Debian package that provides ``cross_compiler``.
+    """
+
+    name: str
+    description: str
+    target: dict[str, Any]
+    arch: str
+    cross_compiler: str | None = None
+    cross_package: str | None = None
+
+
+# Generic x86-64 (no -mcpu): portable, and -mcpu=x86-64-v3 was no faster on untuned code (measured).
+_X86_HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("x86_64", "TVM, x86-64 Linux CPU (generic x86-64, untuned)", _X86_HOST, "x86_64"),
+        Preset(
+            "aarch64",
+            "TVM, 64-bit Arm Linux CPU with NEON, cross-compiled (untuned)",
+            {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+            "aarch64",
+            cross_compiler="aarch64-linux-gnu-g++",
+            cross_package="g++-aarch64-linux-gnu",
+        ),
+    ]
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of a model input, output or parameter.
+
+    Attributes:
+        name: the user-facing name.
+        shape: one entry per dim: an int, or a str naming a dynamic dim.
+        dtype: numpy-style dtype name (``float32``, ``int64``, ``bfloat16``, ...).
+        example_shape: the concrete shape seen at capture (sizes for generated inputs), if known.
+        value_range: ``(low, high)`` of the capture example for integer inputs (safe values for
+            generated inputs, e.g. token ids below the vocabulary size), if known.
+    """
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    example_shape: tuple[int, ...] | None = None
+    value_range: tuple[int, int] | None = None
+
+    def mismatch(self, array: np.ndarray) -> str | None:
+        """Why ``array`` cannot stand for this tensor, or None when it can."""
+        if str(array.dtype) != self.dtype:
+            return f"dtype {array.dtype}, expected {self.dtype}"
+        if array.ndim != len(self.shape) or any(
+            isinstance(want, int) and got != want for got, want in zip(array.shape, self.shape, strict=True)
+        ):
+            return f"shape {tuple(array.shape)}, expected {self.shape_text()}"
+        return None
+
+    def check_input(self, array: np.ndarray) -> None:
+        """Raise ``InputMismatchError`` naming this input when ``array`` does not fit it."""
+        reason = self.mismatch(array)
+        if reason is not None:
+            raise InputMismatchError(f"input '{self.name}' has {reason}")
+
+    def shape_text(self) -> str:
+        return "(" + ", ".join(str(d) for d in self.shape) + ")"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TensorSpec":
+        def opt_tuple(v: Any) -> tuple | None:
+            return None if v is None else tuple(v)
+
+        return cls(
+            name=str(d["name"]),
+            shape=tuple(d["shape"]),
+            dtype=str(d["dtype"]),
+            example_shape=opt_tuple(d.get("example_shape")),
+            value_range=opt_tuple(d.get("value_range")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactMeta:
+    """What ``meta.json`` holds. ``params`` lists the weights in the order the VM takes them."""
+
+    preset: str
+    target: dict[str, Any]
+    arch: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    params: list[TensorSpec]
+    opt_level: int
+    versions: dict[str, str]
+    so_sha256: str = ""
+    tuning: str = "untuned"
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("inputs", "outputs", "params"):
+            d[key] = [s.to_json() for s in getattr(self, key)]
+        return d
+
+    @classmethod
+    def read(cls, folder: Path) -> "ArtifactMeta":
+        """Parse ``folder/meta.json``; raise ``ModelFormatError`` when it is missing or malformed."""
+        path = folder / META_FILE
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format_version") != FORMAT_VERSION:
+                raise ModelFormatError(
+                    f"{path}: format_version {d.get('format_version')!r}, this regc reads "
+                    f"{FORMAT_VERSION}; re-run 'regc compile' with this regc"
+                )
+            specs = {k: [TensorSpec.from_json(s) for s in d.pop(k)] for k in ("inputs", "outputs", "params")}
+            return cls(**d, **specs)
+        except FileNotFoundError as e:
+            raise ModelFormatError(f"{folder}: no {META_FILE}; not written by TvmArtifact.save") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelFormatError(f"{path}: unreadable or malformed ({e}); re-run 'regc compile'") from e
+
+
+class TvmArtifact:
+    """A compiled model: VM executable, weights (name -> ``tvm.runtime.Tensor``) and metadata.
+
+    ``art(*tensors)`` runs it like ``Model`` (torch in, torch out); ``art.run(*arrays)`` takes and
+    returns numpy arrays. ``params`` may be swapped for another weight set with the same specs.
+    """
+
+    def __init__(
+        self, module: Any, params: dict[str, Any], meta: ArtifactMeta, source_so: Path | None = None
+    ) -> None:
+        self.module = module  # tvm.relax Executable when built here, tvm.runtime.Module when loaded
+        self.params = params
+        self.meta = meta
+        self._source_so = source_so
+        self._vm: Any = None
+
+    # ---- files ---------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write ``model.so``, ``model.params`` and ``meta.json`` into ``folder`` (created if needed)."""
+        import tvm
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        so = folder / SO_FILE
+        if self._source_so is not None:  # a loaded library cannot be re-exported: copy its file
+            shutil.copyfile(self._source_so, so)
+        else:
+            preset = PRESETS[self.meta.preset]
+            fcompile = None
+            if preset.cross_compiler:
+                from tvm.support import cc
+
+                fcompile = cc.cross_compiler(preset.cross_compiler)
+            try:
+                self.module.export_library(str(so), fcompile=fcompile)
+            except Exception as e:  # compiler/linker failures surface as RuntimeError with the log
+                raise LoweringError(f"linking {so} for '{preset.name}' failed: {e}") from e
+        tvm.runtime.save_param_dict_to_file(self.params, str(folder / PARAMS_FILE))
+        meta = dataclasses.replace(self.meta, so_sha256=_sha256(so))
+        (folder / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "TvmArtifact":
+        """Open a saved folder. Raise ``ModelFormatError`` when a file is missing or corrupt, and
+        ``LoweringError`` when it was built for another machine.
+
+        ``model.so`` is native code: it is checked against the sha256 in ``meta.json`` before it is
+        loaded (a truncated library crashes the process), and only folders you trust should be opened.
+        """
+        import tvm
+
+        folder = Path(folder)
+        meta = ArtifactMeta.read(folder)
+        so, params_path = folder / SO_FILE, folder / PARAMS_FILE
+        for f in (so, params_path):
+            if not f.is_file():
+                raise ModelFormatError(f"{folder}: {f.name} is missing; copy the whole artifact folder")
+        if _sha256(so) != meta.so_sha256:
+            raise ModelFormatError(f"{so}: sha256 differs from {META_FILE} (corrupt or replaced); re-compile")
+        _check_arch(meta)
+        try:
+            params = dict(tvm.runtime.load_param_dict_from_file(str(params_path)))
+        except RuntimeError as e:  # tvm.error.InternalError: bad magic, truncated
+            raise ModelFormatError(f"{params_path}: not a TVM parameter file ({e})") from e
+        _check_param_specs(params, meta.params, str(params_path))
+        try:
+            module = tvm.runtime.load_module(str(so))
+        except RuntimeError as e:  # tvm.error.InternalError from dlopen
+            raise ModelFormatError(f"{so}: cannot be loaded ({e})") from e
+        return cls(module, params, meta, source_so=so)
+
+    # ---- running -------------------------------------------------------------------------------
+    def run(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Run on numpy arrays in input order; return outputs in output order."""
+        import tvm
+
+        specs = self.meta.inputs
+        if len(arrays) != len(specs):
+            raise InputMismatchError(
+                f"model takes {len(specs)} inputs {[s.name for s in specs]}, got {len(arrays)}"
+            )
+        for spec, a in zip(specs, arrays, strict=True):
+            spec.check_input(a)
+        if self._vm is None:
+            from tvm.runtime.vm import VirtualMachine
+
+            _check_arch(self.meta)
+            self._vm = VirtualMachine(self.module, tvm.cpu())
+        weights = [self.params[s.name] for s in self.meta.params]
+        out = self._vm["main"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays), *weights)
+        return tuple(t.numpy() for t in out)
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = tuple(torch.from_numpy(a) for a in self.run(*(t.detach().cpu().numpy() for t in tensors)))
+        return out[0] if len(out) == 1 else out
+
+
+def lower_tvm(
+    model: Model, preset: str = "x86_64", *, tuning_db: str | None = None, opt_level: int = 3
+) -> TvmArtifact:
+    """Compile ``model`` for a preset (``x86_64``, ``aarch64``) with weights kept outside the code.
+
+    ``tuning_db`` is reserved for MetaSchedule databases (not applied yet: builds are untuned).
+    Raises ``ConfigError`` for an unknown preset or a tuning database, and ``LoweringError`` naming
+    the failing stage (torch.export, decomposition, TVM import, build) with what to do.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.torch import from_exported_program
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown TVM preset '{preset}'; known: {', '.join(PRESETS)}")
+    if tuning_db is not None:
+        raise ConfigError(f"--tuning-db {tuning_db}: applying tuning databases is not supported yet; omit it")
+    p = PRESETS[preset]
+    if p.cross_compiler and shutil.which(p.cross_compiler) is None:
+        raise LoweringError(
+            f"target '{preset}' needs the cross compiler {p.cross_compiler}: "
+            f"apt-get install {p.cross_package}"
+        )
+    if model.training:
+        raise LoweringError("the model is in training mode; call model.train_mode(False) before lowering")
+
+    gm = _weights_as_params(model.gm)
+    dynamic_shapes = model.export_dynamic_shapes()
+    try:
+        ep = torch.export.export(gm, tuple(model.example_inputs), dynamic_shapes=dynamic_shapes)
+    except Exception as e:  # torch.export raises many unrelated types (UserError, GuardOnDataDependent...)
+        raise LoweringError(f"torch.export could not re-capture the model for TVM: {e}") from e
+    try:
+        ep = ep.run_decompositions()
+    except Exception as e:
+        raise LoweringError(f"decomposing the graph to core ATen for TVM failed: {e}") from e
+    _check_ops_supported(ep)
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
+    except Exception as e:  # converters raise AssertionError/ValueError/InternalError on unsupported args
+        raise LoweringError(f"TVM's torch frontend failed to convert the graph: {e}") from e
+    mod, detached = detach_params(mod)
+
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    arg_to_fqn = ep.graph_signature.inputs_to_parameters
+    param_names = [arg_to_fqn[v.name] for v in func.params[num_input:]]
+    params = dict(zip(param_names, detached.get("main", []), strict=True))
+    inputs, outputs = _io_specs(model, ep)
+
+    try:
+        with tvm.transform.PassContext(opt_level=opt_level):
+            executable = relax.build(mod, target=tvm.target.Target(p.target))
+    except Exception as e:  # tvm.error.InternalError and friends, with TVM's message
+        raise LoweringError(f"TVM build for '{preset}' failed: {e}") from e
+
+    meta = ArtifactMeta(
+        preset=preset,
+        target=p.target,
+        arch=p.arch,
+        inputs=inputs,
+        outputs=outputs,
+        params=[_tensor_spec(n, t.shape, t.dtype) for n, t in params.items()],
+        opt_level=opt_level,
+        versions={
+            "tvm": tvm.__version__,
+            "tvm_ffi": importlib.metadata.version("apache-tvm-ffi"),
+            "torch": torch.__version__,
+            "regc": importlib.metadata.version("regc"),
+        },
+    )
+    return TvmArtifact(executable, params, meta)
+
+
+TARGETS = [Target(p.name, p.description, functools.partial(lower_tvm, preset=p.name))
+           for p in PRESETS.values()]
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _weights_as_params(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose buffers and tensor constants read by the graph are frozen parameters.
+
+    TVM's frontend keeps only parameters as function inputs and bakes buffers into the code.
+    """
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_path, _, leaf = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        value = getattr(owner, leaf)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            delattr(owner, leaf)
+            owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    return gm
+
+
+def _check_ops_supported(ep: torch.export.ExportedProgram) -> None:
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    known = ExportedProgramImporter().convert_map
+    missing: dict[str, list[str]] = {}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target.__name__ not in known:
+            missing.setdefault(node.target.__name__, []).append(node.name)
+    if missing:
+        ops = "; ".join(f"aten.{op} (nodes {', '.join(nodes)})" for op, nodes in sorted(missing.items()))
+        raise LoweringError(
+            f"TVM's torch frontend has no converter for {ops}; rewrite these ops before lowering "
+            "(regc.rewrite) or target ONNX instead"
+        )
+
+
+def _io_specs(model: Model, ep: torch.export.ExportedProgram) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    sig = ep.graph_signature
+    nodes = {n.name: n for n in ep.graph.nodes}
+    if len(sig.user_inputs) != len(model.input_names):
+        raise LoweringError(
+            f"the graph takes {len(sig.user_inputs)} inputs, model.input_names lists {model.input_names}"
+        )
+    if len(sig.user_outputs) != len(model.output_names):
+        raise LoweringError(
+            f"the graph returns {len(sig.user_outputs)} outputs, model.output_names is {model.output_names}"
+        )
+    inputs = []
+    for name, arg, example in zip(model.input_names, sig.user_inputs, model.example_inputs, strict=True):
+        spec = _tensor_spec(name, nodes[arg].meta["val"].shape, example.dtype)
+        value_range = None
+        if not example.is_floating_point() and example.dtype != torch.bool:
+            value_range = (int(example.min()), int(example.max())) if example.numel() else (0, 0)
+        inputs.append(dataclasses.replace(spec, example_shape=tuple(example.shape), value_range=value_range))
+    outputs = [
+        _tensor_spec(name, nodes[arg].meta["val"].shape, nodes[arg].meta["val"].dtype)
+        for name, arg in zip(model.output_names, sig.user_outputs, strict=True)
+    ]
+    return inputs, outputs
+
+
+def _tensor_spec(name: str, shape: Sequence[Any], dtype: Any) -> TensorSpec:
+    """A spec from a torch/TVM shape (SymInt dims become their symbol's name) and dtype."""
+    dims = tuple(int(d) if isinstance(d, int) else str(d) for d in shape)
+    return TensorSpec(name, dims, str(dtype).removeprefix("torch."))
+
+
+def _check_param_specs(params: dict[str, Any], specs: list[TensorSpec], where: str) -> None:
+    want = {s.name for s in specs}
+    if set(params) != want:
+        raise ModelFormatError(
+            f"{where}: parameter names differ from {META_FILE}: missing {sorted(want - set(params))}, "
+            f"unexpected {sorted(set(params) - want)}"
+        )
+    for s in specs:
+        t = params[s.name]
+        if str(t.dtype) != s.dtype or tuple(t.shape) != s.shape:
+            raise ModelFormatError(
+                f"{where}: parameter '{s.name}' is {t.dtype}{tuple(t.shape)}, "
+                f"expected {s.dtype}{s.shape_text()}"
+            )
+
+
+def _check_arch(meta: ArtifactMeta) -> None:
+    if meta.arch != platform.machine():
+        raise LoweringError(
+            f"this '{meta.preset}' build runs on {meta.arch} machines, this one is {platform.machine()}; "
+            "copy the saved folder to the target and run it there"
+        )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,211 @@
+"""TVM lowering: saved artifacts match onnxruntime, weights stay outside model.so, failures are typed."""
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import regc
+from regc.backends.tvm_backend import FORMAT_VERSION, TARGETS, lower_tvm
+from regc.errors import ConfigError, InputMismatchError, LoweringError
+from regc.runtime.artifact import open_artifact
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+class SmallCnn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.c2 = torch.nn.Conv2d(8, 16, 3, stride=2)
+        self.fc = torch.nn.Linear(16, 10)
+        self.bn.running_mean.uniform_(-1, 1)  # non-trivial statistics: buffers must reach the artifact
+        self.bn.running_var.uniform_(0.5, 2)
+        self.bn.weight.data.uniform_(0.5, 2)
+        self.bn.bias.data.uniform_(-1, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+class Block(torch.nn.Module):
+    """Pre-norm transformer block: LayerNorm, fused-QKV softmax attention (sdpa), GELU MLP."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (
+            z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
+            for z in self.qkv(self.ln1(x)).split(d, dim=-1)
+        )
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def make_model(module, args, input_names=("x",), output_names=("y",), dynamic_shapes=None):
+    """A regc.Model over ``torch.export.export(module.eval(), args).module()``, regc's IR."""
+    gm = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes).module()
+    return regc.Model(gm=gm, input_names=list(input_names), output_names=list(output_names),
+                      example_inputs=args, dynamic_shapes=dynamic_shapes)
+
+
+def small_cnn_model(seed=0):
+    torch.manual_seed(seed)
+    return make_model(SmallCnn(), (torch.randn(1, 3, 16, 16),))
+
+
+def export_onnx(model, path):
+    """The dynamo ONNX export of ``model.gm``: the independent reference the artifacts are held to."""
+    with warnings.catch_warnings():  # ep.module() says "training mode" and has no eval() (ARCHITECTURE 3)
+        warnings.filterwarnings("ignore", "Exporting a model while it is in training mode")
+        torch.onnx.export(model.gm, model.example_inputs, str(path), dynamo=True, verbose=False,
+                          input_names=model.input_names, output_names=model.output_names)
+    return path
+
+
+def onnxruntime_reference(model, path, inputs):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(export_onnx(model, path)), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    """(model, in-memory artifact, saved folder) per model kind, lowered once per module."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            torch.manual_seed(0)
+            model = small_cnn_model() if kind == "cnn" else make_model(Block(), (torch.randn(2, 8, 32),))
+            art = lower_tvm(model)
+            cache[kind] = (model, art, art.save(tmp_path_factory.mktemp(kind) / "x86_64"))
+        return cache[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["cnn", "block"])
+def test_saved_artifact_matches_onnxruntime(lowered, kind, tmp_path):
+    model, art, folder = lowered(kind)
+    x = torch.randn(*model.example_inputs[0].shape)
+    (want,) = onnxruntime_reference(model, tmp_path / "ref.onnx", {"x": x.numpy()})
+    runner = open_artifact(folder)
+    assert runner.input_names == ["x"] and runner.output_names == ["y"]
+    np.testing.assert_allclose(runner.run({"x": x.numpy()})["y"], want, **TOL)
+    np.testing.assert_allclose(art(x).numpy(), want, **TOL)  # the in-memory artifact runs too
+    torch.testing.assert_close(art(x), model(x).detach(), **TOL)
+
+
+def test_meta_json_describes_the_build(lowered):
+    model, _, folder = lowered("cnn")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION and meta["tuning"] == "untuned"
+    assert meta["preset"] == "x86_64" and meta["target"]["mtriple"] == "x86_64-linux-gnu"
+    assert meta["inputs"] == [{"name": "x", "shape": [1, 3, 16, 16], "dtype": "float32",
+                               "example_shape": [1, 3, 16, 16], "value_range": None}]
+    assert [(o["name"], o["shape"], o["dtype"]) for o in meta["outputs"]] == [("y", [1, 10], "float32")]
+    names = [p["name"] for p in meta["params"]]
+    assert {"c1.weight", "bn.running_mean", "bn.running_var", "fc.bias"} <= set(names)
+    assert set(names) <= set(model.gm.state_dict())
+    assert {"tvm", "tvm_ffi", "torch", "regc"} <= set(meta["versions"])
+
+
+def test_weights_live_outside_model_so(tmp_path):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+    model = make_model(mlp, (torch.randn(4, 256),))
+    folder = lower_tvm(model).save(tmp_path / "mlp")
+    weight_bytes = model.weight_bytes()  # ~2.1 MB
+    assert (folder / "model.so").stat().st_size < weight_bytes / 10
+    assert (folder / "model.params").stat().st_size >= weight_bytes
+
+
+def test_swapping_model_params_runs_other_weights(lowered, tmp_path):
+    """One model.so, another instance's weights (BatchNorm statistics included): its outputs follow."""
+    import tvm
+
+    _, _, folder = lowered("cnn")
+    swapped = shutil.copytree(folder, tmp_path / "swapped")
+    other = small_cnn_model(seed=1)
+    state = other.gm.state_dict()
+    names = [p["name"] for p in json.loads((swapped / "meta.json").read_text())["params"]]
+    tvm.runtime.save_param_dict_to_file({n: tvm.runtime.tensor(state[n].numpy()) for n in names},
+                                        str(swapped / "model.params"))
+    x = torch.randn(1, 3, 16, 16)
+    got = open_artifact(swapped).run({"x": x.numpy()})["y"]
+    np.testing.assert_allclose(got, other(x).detach().numpy(), **TOL)
+    assert not np.allclose(got, open_artifact(folder).run({"x": x.numpy()})["y"], **TOL)
+
+
+def test_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    module = SmallCnn().eval()
+    model = make_model(module, (torch.randn(2, 3, 16, 16),),
+                       dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}})
+    runner = open_artifact(lower_tvm(model).save(tmp_path / "dyn"))
+    assert isinstance(runner.input_specs[0].shape[0], str) and runner.input_specs[0].shape[1:] == (3, 16, 16)
+    for batch in (3, 5):
+        x = torch.randn(batch, 3, 16, 16)
+        np.testing.assert_allclose(runner.run({"x": x.numpy()})["y"], module(x).detach().numpy(), **TOL)
+    with pytest.raises(InputMismatchError, match=r"input 'x' has shape \(3, 4, 16, 16\)"):
+        runner.run({"x": np.zeros((3, 4, 16, 16), np.float32)})
+
+
+class Erfinv(torch.nn.Module):
+    def forward(self, x):
+        return torch.erfinv(x).relu()
+
+
+def test_op_without_tvm_converter_is_named():
+    with pytest.raises(LoweringError, match=r"no converter for aten\.erfinv\.default \(nodes erfinv"):
+        lower_tvm(make_model(Erfinv(), (torch.rand(4) - 0.5,)))
+
+
+def test_training_mode_is_rejected():
+    model = small_cnn_model().train_mode(True)
+    with pytest.raises(LoweringError, match=r"train_mode\(False\)"):
+        lower_tvm(model)
+
+
+def test_bad_options_are_config_errors():
+    model = small_cnn_model()
+    with pytest.raises(ConfigError, match="unknown TVM preset 'riscv'; known: x86_64, aarch64"):
+        lower_tvm(model, "riscv")
+    with pytest.raises(ConfigError, match="tuning databases"):
+        lower_tvm(model, tuning_db="db/")
+
+
+def test_targets_for_the_registry():
+    assert [(t.name, t.lower.keywords) for t in TARGETS] == [("x86_64", {"preset": "x86_64"}),
+                                                            ("aarch64", {"preset": "aarch64"})]
+    assert all("untuned" in t.description for t in TARGETS)
+
+
+def test_aarch64_without_cross_compiler_says_what_to_install(monkeypatch):
+    monkeypatch.setattr("regc.backends.tvm_backend.shutil.which", lambda name: None)
+    with pytest.raises(LoweringError, match="apt-get install g\\+\\+-aarch64-linux-gnu"):
+        lower_tvm(small_cnn_model(), "aarch64")
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
+def test_aarch64_cross_compiles(tmp_path):
+    folder = lower_tvm(small_cnn_model(), "aarch64").save(tmp_path / "a64")
+    elf = (folder / "model.so").read_bytes()[:20]
+    assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183  # EM_AARCH64
+    assert json.loads((folder / "meta.json").read_text())["target"]["mattr"] == ["+neon"]
+    with pytest.raises(LoweringError, match="runs on aarch64 machines"):
+        open_artifact(folder)

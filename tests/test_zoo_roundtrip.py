@@ -1,6 +1,8 @@
 """Every zoo model round-trips torch -> ONNX -> regc.load with outputs equal to fp32 tolerance,
 and the imported model is a trainable regc.Model like the captured one."""
 
+import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 
@@ -26,9 +28,6 @@ def _round_trip(z, tmp_path):
     got = got if isinstance(got, tuple) else (got,)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL)
-    import onnx
-    import onnx.numpy_helper
-
     proto = onnx.load(str(path))
     float_init = sum(a.size for a in (onnx.numpy_helper.to_array(t) for t in proto.graph.initializer
                                          if t.data_type == onnx.TensorProto.FLOAT) if a.size > 1)

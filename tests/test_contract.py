@@ -18,6 +18,11 @@ CONTRACT: dict[str, tuple[tuple[str, ...], dict]] = {
     "fold_bn": (("resnet18_style", "mobilenetv2_style", "digits_cnn"), {}),
     "dce": (("mlp", "bert_encoder"), {}),
     "canonicalize": (("mobilenetv2_style", "gpt2_decoder"), {}),
+    "prune": (("resnet18_style", "mobilenetv2_style", "bert_encoder", "gpt2_decoder"), {"ratio": 0.5}),
+    "harden": (("resnet18_style", "bert_encoder"), {}),
+    "issp": (("mlp",), {"sparsity": 0.5}),
+    "quant": (("mlp", "digits_cnn", "bert_encoder", "gpt2_decoder"), {"speed_check": False, "sweep_samples": 4}),
+    "rf8": (("mlp", "bert_encoder", "gpt2_decoder"), {}),
 }
 
 

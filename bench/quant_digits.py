@@ -1,0 +1,96 @@
+"""regc `quant` on the trained digits CNN: accuracy and onnxruntime latency against fp32, one run.
+
+    python bench/quant_digits.py [--out bench/results/quant_digits.json] [--runs 300]
+
+The zoo's digits CNN (BatchNorm folded) is calibrated on 256 training images and exported twice:
+    regc          quant (default: the per-layer speed check keeps layers float where int8 loses)
+    regc_forced   quant{speed_check=false} (every conv/linear int8), to show what int8 costs here
+Per model, in onnxruntime (1 thread): test accuracy (360 images), latency at batch 1 and 64 (median
+and min, interleaved with fp32), the int8 kernels in the optimized graph, and the pass's per-layer
+table (sensitivity, format, the layer timings that decided). Numbers are as measured on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import regc
+from regc.pipeline import parse_pipeline
+from regc.registry import PassContext
+from regc.zoo import digits_cnn, digits_data
+
+VARIANTS = {"regc": "quant", "regc_forced": "quant{speed_check=false}"}
+
+
+def session(path: Path, optimized: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/quant_digits.json")
+    ap.add_argument("--runs", type=int, default=300)
+    args = ap.parse_args()
+
+    z = digits_cnn()
+    d = digits_data()
+    base = regc.compress(regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
+                                      output_names=z.output_names), "fold_bn")
+    calib = regc.Dataset({"image": d.x_train[:256]}, d.y_train[:256])
+    tmp = Path(tempfile.mkdtemp())
+    base.save(tmp / "fp32.onnx")
+    stats = {}
+    for name, text in VARIANTS.items():
+        q, records = parse_pipeline(text).run(base.clone(), PassContext(data=calib))
+        q.save(tmp / f"{name}.onnx")
+        stats[name] = records[0]["stats"]
+    names = ["fp32", *VARIANTS]
+    sessions = {k: session(tmp / f"{k}.onnx", tmp / f"{k}.opt.onnx") for k in names}
+    x_test, y_test = d.x_test.numpy(), d.y_test.numpy()
+    models = {k: {"accuracy": float((s.run(None, {"image": x_test})[0].argmax(1) == y_test).mean()),
+                  "int8_kernels": dict(collections.Counter(
+                      n.op_type for n in onnx.load(str(tmp / f"{k}.opt.onnx")).graph.node
+                      if n.op_type.startswith(("QLinear", "QGemm", "MatMulInteger", "ConvInteger")))),
+                  "file_bytes": (tmp / f"{k}.onnx").stat().st_size}
+              for k, s in sessions.items()}
+    for bs in (1, 64):
+        feed = {"image": x_test[:bs]}
+        times = {k: [] for k in names}
+        for _ in range(args.runs):
+            for k in names:
+                t0 = time.perf_counter()
+                sessions[k].run(None, feed)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        for k in names:
+            med, lo = float(np.median(times[k])), float(np.min(times[k]))
+            models[k][f"batch{bs}"] = {"median_ms": med, "min_ms": lo,
+                                       "ratio_median": med / float(np.median(times["fp32"])),
+                                       "ratio_min": lo / float(np.min(times["fp32"]))}
+    result = {"benchmark": "quant_digits", "onnxruntime": ort.__version__, "threads": 1, "models": models,
+              "stats": stats}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    for k, v in models.items():
+        b1, b64 = v["batch1"], v["batch64"]
+        print(f"{k:12s} acc {v['accuracy']:.4f}  bs1 {b1['median_ms']:.4f} ms ({b1['ratio_median']:.2f}x)"
+              f"  bs64 {b64['median_ms']:.3f} ms ({b64['ratio_median']:.2f}x)  {v['int8_kernels']}")
+    for name in VARIANTS:
+        print(name, {n: (v["format"], v.get("onnxruntime_ms")) for n, v in stats[name]["layers"].items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Integer quantization math and the graph nodes that carry it (shared by `quant` and its helpers).
+
+Weights: symmetric int-b, ``s = max|w| / (2^(b-1) - 1)`` per output channel (or per tensor),
+``q = clamp(round(w / s), -qmax, qmax)``, ``w_hat = s q``. Activations: affine uint8 over a range
+[lo, hi] that contains 0, ``s = (hi - lo) / 255``, ``z = round(-lo / s)``,
+``x_hat = (clamp(round(x / s) + z, 0, 255) - z) s``; the dynamic form takes lo/hi from each tensor at
+run time (ONNX DynamicQuantizeLinear). In the graph a weight becomes an int8 buffer read through
+``quantized_decomposed.dequantize_per_channel`` and an activation a ``quantize_per_tensor`` /
+``dequantize_per_tensor`` pair; the exporter writes them as DequantizeLinear / QuantizeLinear.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.fx as fx
+from onnx import TensorProto, helper
+from onnx.defs import OpSchema
+from onnxscript import opset18 as op
+
+from regc.ir import Model
+from regc.plugins import register_onnx_translation
+
+qd = torch.ops.quantized_decomposed
+
+__all__ = ["quantize_weight", "act_qparams", "fake_quant_static", "dynamic_fake_quant", "weight_node",
+           "static_qdq_node", "dynamic_qdq_node", "free_name", "pack_int4", "unpack_int4"]
+
+
+def quantize_weight(w: torch.Tensor, bits: int, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric codes (int8 tensor) and float32 scales (per ``axis``, or a 0-d tensor per tensor)."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.detach().float()
+    if axis is None:
+        amax = w.abs().amax()
+    else:
+        amax = w.abs().amax(dim=[d for d in range(w.dim()) if d != axis])
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    shape = [1] * w.dim()
+    if axis is not None:
+        shape[axis] = -1
+    codes = torch.clamp(torch.round(w / scale.reshape(shape)), -qmax, qmax).to(torch.int8)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, axis: int | None) -> torch.Tensor:
+    shape = [1] * codes.dim()
+    if axis is not None:
+        shape[axis] = -1
+    return codes.float() * scale.reshape(shape)
+
+
+def act_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """uint8 affine (scale, zero point) for the range [lo, hi] widened to contain 0."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zp = int(min(max(round(-lo / scale), 0), 255))
+    return float(scale), zp
+
+
+def fake_quant_static(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    q = qd.quantize_per_tensor.default(x, scale, zp, 0, 255, torch.uint8)
+    return qd.dequantize_per_tensor.default(q, scale, zp, 0, 255, torch.uint8)
+
+
+@torch.library.custom_op("regc::dynamic_fake_quant", mutates_args=())
+def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """uint8 quantize-dequantize with the range of ``x`` itself (ONNX DynamicQuantizeLinear + DQ)."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+@dynamic_fake_quant.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _dynamic_fake_quant_onnx(x):
+    q, scale, zp = op.DynamicQuantizeLinear(x)
+    return op.DequantizeLinear(q, scale, zp)
+
+
+register_onnx_translation(torch.ops.regc.dynamic_fake_quant.default, _dynamic_fake_quant_onnx)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two's-complement 4-bit codes in [-8, 7], two per byte (element 2i in the low nibble), flattened."""
+    flat = codes.reshape(-1).to(torch.int16) & 0xF
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] | flat[1::2] << 4).to(torch.uint8)
+
+
+def _nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    p = packed.to(torch.int16)
+    both = torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)[:numel]
+    return both - ((both & 8) << 1)  # sign-extend: n >= 8 -> n - 16
+
+
+@torch.library.custom_op("regc::unpack_int4", mutates_args=())
+def unpack_int4(packed: torch.Tensor, scale: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """float32 weights ``scale * code`` (``scale`` broadcastable to ``shape``) from packed 4-bit codes."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return _nibbles(packed, numel).reshape(shape).float() * scale
+
+
+@unpack_int4.register_fake
+def _(packed: torch.Tensor, scale: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    return packed.new_empty(shape, dtype=torch.float32)
+
+
+def _int4_function() -> onnx.FunctionProto:
+    """Int4Decode(packed: uint8, scale: float, shape: int64) -> float, in standard ONNX ops."""
+    def const(name, value, dtype, dims=()):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, value))
+
+    nodes = [
+        const("four", [4], TensorProto.UINT8), const("fifteen", [15], TensorProto.UINT8),
+        const("eight", [8], TensorProto.INT64), const("two", [2], TensorProto.INT64),
+        const("one", [1], TensorProto.INT64, [1]), const("zero", [0], TensorProto.INT64, [1]),
+        const("flat", [-1], TensorProto.INT64, [1]),
+        helper.make_node("BitwiseAnd", ["packed", "fifteen"], ["lo8"]),
+        helper.make_node("BitShift", ["packed", "four"], ["hi8"], direction="RIGHT"),
+        helper.make_node("Unsqueeze", ["lo8", "one"], ["lo2"]),
+        helper.make_node("Unsqueeze", ["hi8", "one"], ["hi2"]),
+        helper.make_node("Concat", ["lo2", "hi2"], ["pairs"], axis=1),
+        helper.make_node("Reshape", ["pairs", "flat"], ["both8"]),
+        helper.make_node("ReduceProd", ["shape"], ["numel"], keepdims=1),
+        helper.make_node("Slice", ["both8", "zero", "numel"], ["codes8"]),
+        helper.make_node("Cast", ["codes8"], ["codes"], to=TensorProto.INT64),
+        helper.make_node("BitwiseAnd", ["codes", "eight"], ["sign"]),
+        helper.make_node("Mul", ["sign", "two"], ["wrap"]),
+        helper.make_node("Sub", ["codes", "wrap"], ["signed"]),
+        helper.make_node("Reshape", ["signed", "shape"], ["shaped"]),
+        helper.make_node("Cast", ["shaped"], ["w"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["w", "scale"], ["y"]),
+    ]
+    return helper.make_function("regc", "Int4Decode", ["packed", "scale", "shape"], ["y"], nodes,
+                                [helper.make_opsetid("", 18)])
+
+
+_INT4_OP = onnxscript.values.Op(onnxscript.values.Opset("regc", 1), "Int4Decode", OpSchema(
+    "Int4Decode", "regc", 1, inputs=[OpSchema.FormalParameter("packed", "tensor(uint8)"),
+                                     OpSchema.FormalParameter("scale", "tensor(float)"),
+                                     OpSchema.FormalParameter("shape", "tensor(int64)")],
+    outputs=[OpSchema.FormalParameter("y", "tensor(float)")]))
+
+
+def _unpack_int4_onnx(packed, scale, shape):
+    return _INT4_OP(packed, scale, op.Constant(value_ints=list(shape)))
+
+
+register_onnx_translation(torch.ops.regc.unpack_int4.default, _unpack_int4_onnx, (_int4_function(),))
+
+
+def free_name(model: Model, base: str) -> str:
+    taken = set(model.gm.state_dict()) | {n for n, _ in model.gm.named_modules()}
+    cand, i = base.replace(".", "_"), 0
+    while cand in taken or hasattr(model.gm, cand):
+        i += 1
+        cand = f"{base.replace('.', '_')}_{i}"
+    return cand
+
+
+def weight_node(model: Model, before: fx.Node, user: str, codes: torch.Tensor, scale: torch.Tensor,
+                axis: int | None, packed: bool = False) -> fx.Node:
+    """Store int8 ``codes`` and ``scale`` as buffers and return a dequantize node reading them
+    (``packed``: 4-bit codes two per byte, unpacked by ``regc::unpack_int4``)."""
+    g = model.gm.graph
+    if packed:
+        names = [free_name(model, f"{user}_{k}") for k in ("q4", "scale")]
+        bshape = [1] * codes.dim()
+        if axis is not None:
+            bshape[axis] = -1
+        tensors = (pack_int4(codes), scale.reshape(bshape))
+        for name, kind, t in zip(names, ("q4", "scale"), tensors, strict=True):
+            model.set_tensor(name, t, trainable=False)
+            model.param_names[name] = f"{user}:{kind}"
+        with g.inserting_before(before):
+            q, s = (g.get_attr(n) for n in names)
+            return g.call_function(torch.ops.regc.unpack_int4.default, (q, s, list(codes.shape)))
+    names = {}
+    zp = torch.zeros_like(scale, dtype=torch.int64)
+    for kind, t in (("q", codes), ("scale", scale), ("zp", zp)):
+        names[kind] = free_name(model, f"{user}_{kind}")
+        model.set_tensor(names[kind], t, trainable=False)
+        model.param_names[names[kind]] = f"{user}:{kind}"
+    with g.inserting_before(before):
+        q, s, z = (g.get_attr(names[k]) for k in ("q", "scale", "zp"))
+        qmax = 127
+        if axis is None:
+            return g.call_function(qd.dequantize_per_tensor.tensor, (q, s, z, -qmax, qmax, torch.int8))
+        return g.call_function(qd.dequantize_per_channel.default, (q, s, z, axis, -qmax, qmax, torch.int8))
+
+
+def static_qdq_node(model: Model, before: fx.Node, x: fx.Node, scale: float, zp: int) -> fx.Node:
+    g = model.gm.graph
+    with g.inserting_before(before):
+        q = g.call_function(qd.quantize_per_tensor.default, (x, scale, zp, 0, 255, torch.uint8))
+        return g.call_function(qd.dequantize_per_tensor.default, (q, scale, zp, 0, 255, torch.uint8))
+
+
+def dynamic_qdq_node(model: Model, before: fx.Node, x: fx.Node) -> fx.Node:
+    with model.gm.graph.inserting_before(before):
+        return model.gm.graph.call_function(torch.ops.regc.dynamic_fake_quant.default, (x,))

@@ -1,0 +1,130 @@
+"""Does int8 pay off for this layer on this CPU? Time it in onnxruntime, alone, both ways.
+
+Each conv/linear layer is built as a one-op ONNX graph with its real shapes, once in float and once
+in the QDQ form the rewrite emits (a conv also gets the Q/DQ of its output, which QLinearConv needs),
+and timed on one thread (best of 9 interleaved repeats). Equal shapes share one measurement. Small
+layers often lose: quantizing the input and dequantizing the output costs more than the int8 arithmetic saves.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from regc.passes._quant_layers import QLayer
+
+__all__ = ["time_layer", "cpu_has_vnni"]
+
+_CACHE: dict[tuple, tuple[float, float]] = {}
+
+
+def time_layer(layer: QLayer) -> tuple[float, float] | None:
+    """(float ms, int8 ms) for ``layer`` in onnxruntime, or None when its shapes are unknown."""
+    x_val = layer.x.meta.get("val") if layer.x is not None else None
+    if x_val is None or layer.kind == "embedding" or not all(isinstance(d, int) for d in x_val.shape):
+        return None
+    x_shape = list(x_val.shape)
+    attrs = _conv_attrs(layer) if layer.kind == "conv" else {}
+    if attrs is None:
+        return None
+    key = (layer.kind, tuple(x_shape), tuple(layer.codes.shape), layer.act == "dynamic",
+           tuple(sorted(attrs.items())))
+    if key not in _CACHE:
+        _CACHE[key] = _time([_graph(layer, x_shape, attrs, q) for q in (False, True)], x_shape)
+    return _CACHE[key]
+
+
+def cpu_has_vnni() -> bool:
+    """True on CPUs whose int8 dot products do not saturate (AVX-VNNI, AVX512-VNNI, AMX) or are not x86."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(k in flags for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _conv_attrs(layer: QLayer) -> dict | None:
+    a = list(layer.node.args) + [None] * 7
+    k = layer.codes.dim() - 2
+
+    def ints(v, default):
+        v = default if v is None else v
+        return tuple(int(i) for i in (v if isinstance(v, (list, tuple)) else [v] * k))
+
+    if isinstance(a[4], str):
+        return None
+    pads = ints(a[4], 0)
+    return {"strides": ints(a[3], 1), "pads": pads + pads, "dilations": ints(a[5], 1),
+            "group": int(a[6] or 1)}
+
+
+def _graph(layer: QLayer, x_shape: list[int], attrs: dict, quantized: bool) -> onnx.ModelProto:
+    codes = layer.codes.numpy()
+    nodes, inits = [], []
+    w_shape = codes.T.shape if layer.kind == "linear" and layer.w_axis == 0 else codes.shape
+    out_ch = w_shape[1] if layer.kind == "linear" else w_shape[0]
+    inits.append(numpy_helper.from_array(np.full(w_shape, 0.01, np.float32) if not quantized
+                                         else np.ones(w_shape, np.int8), "w"))
+    x = "x"
+    if quantized:
+        axis = 1 if layer.kind == "linear" else 0
+        inits += [numpy_helper.from_array(np.full(out_ch, 0.01, np.float32), "ws"),
+                  numpy_helper.from_array(np.zeros(out_ch, np.int8), "wz"),
+                  numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+                  numpy_helper.from_array(np.array(128, np.uint8), "z")]
+        nodes.append(helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=axis))
+        if layer.act == "dynamic":
+            nodes.append(helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]))
+            nodes.append(helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]))
+        else:
+            nodes.append(helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]))
+            nodes.append(helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]))
+        x, w = "xd", "wd"
+    else:
+        w = "w"
+    rank3 = len(x_shape) >= 3
+    if layer.kind == "linear":
+        inits.append(numpy_helper.from_array(np.zeros((1, out_ch) if rank3 else (out_ch,), np.float32), "b"))
+        nodes += [helper.make_node("MatMul", [x, w], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    else:
+        inits.append(numpy_helper.from_array(np.zeros(out_ch, np.float32), "b"))
+        nodes.append(helper.make_node("Conv", [x, w, "b"], ["y" if not quantized else "c"], **{
+            k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}))
+        if quantized:
+            nodes += [helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]),
+                      helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["y"])]
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    graph = helper.make_graph(nodes, "layer", [x_info],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _time(models: list[onnx.ModelProto], x_shape: list[int]) -> tuple[float, ...]:
+    """Best-of-9 ms per run of each model, measured interleaved so load changes hit all alike."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sessions = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                for m in models]
+    feed = {"x": np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
+    t0 = time.perf_counter()
+    for s in sessions:
+        s.run(None, feed)
+    reps = max(1, min(100, int(0.005 / max((time.perf_counter() - t0) / len(sessions), 1e-6))))
+    best = [float("inf")] * len(sessions)
+    for _ in range(9):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                s.run(None, feed)
+            best[i] = min(best[i], (time.perf_counter() - t0) / reps)
+    return tuple(b * 1e3 for b in best)

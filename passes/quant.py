@@ -1,0 +1,226 @@
+"""quant: post-training int8 quantization in QDQ form that onnxruntime runs as int8 kernels.
+
+Weights: symmetric int-b, per output channel (or tensor): s = max|w| / (2^(b-1) - 1), w_hat = s round(w/s),
+so for a linear layer |y_j - y_hat_j| <= s_j / 2 * ||x||_1. Activations (inputs of linear/conv layers):
+uint8 affine, static (range from calibration: min/max, percentile, or MSE-optimal clipping) or dynamic
+(range of each tensor at run time). Linears after a LayerNorm are first smoothed (SmoothQuant, Xiao et
+al., ICML 2023; exact, folded into the LayerNorm). Embedding tables are quantized weight-only, per row.
+Placement follows onnxruntime's QDQ fusions (Jacob et al., CVPR 2018 for the integer arithmetic):
+Q/DQ on the activation input, DQ on the weight, so MatMul becomes MatMulIntegerToFloat and Conv
+becomes QLinearConv. Every layer is then measured: its output SQNR with only that layer quantized
+(the sensitivity table in the stats), optionally its float/int8 time in onnxruntime (layers where int8
+is slower stay float), and ``max_accuracy_drop`` keeps the most sensitive layers in float until the
+model-level drop on the calibration data (accuracy with labels, 1 - mean output cosine without) fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+
+from regc.errors import ConfigError
+from regc.ir import Model
+from regc.passes._qdq import act_qparams
+from regc.passes._quant_calib import calib_batches, choose_range, observe
+from regc.passes._quant_layers import QLayer, find_layers, rewrite, simulate
+from regc.passes._quant_smooth import smooth, smooth_candidates
+from regc.passes._quant_speed import cpu_has_vnni, time_layer
+from regc.registry import PassContext, PassResult, Phase, check_choice, check_range, register_pass
+from regc.verify import refresh_meta
+
+__all__ = ["QuantConfig", "quant", "output_drop"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Options for `quant`.
+
+    Attributes:
+        bits: weight bit width in [2, 8] of conv/linear layers (embedding tables always 8); activations
+            are always 8-bit. Codes are stored in int8, or packed two per byte when bits <= 4 and
+            acts=none (then decoded by the graph, so onnxruntime runs it from 4-bit storage).
+        weights: per_channel (one scale per output channel, the safe default) or per_tensor.
+        acts: static (calibrated ranges, needs data), dynamic (range of each tensor at run time) or
+            none (weight-only).
+        calib: how a static range is chosen: minmax, percentile or mse.
+        percentile: the upper percentile kept by calib=percentile, in (50, 100].
+        smooth: SmoothQuant strength alpha in [0, 1] for linears that read a LayerNorm (folded into
+            it); 0 turns it off.
+        embeddings: also quantize embedding (Gather) tables, weight-only with one scale per row.
+        calib_samples: calibration samples for activation ranges and the fallback check, >= 1.
+        sweep_samples: samples for the per-layer sensitivity sweep (one model run per layer), >= 1.
+        max_accuracy_drop: keep the most sensitive layers in float until the drop on the calibration
+            data is at most this (accuracy points as a fraction with labels, else 1 - mean output
+            cosine), in [0, 1]; none = no fallback.
+        speed_check: time each conv/linear alone in onnxruntime, float vs int8, and keep it float
+            where int8 is slower.
+        reduce_range: keep 8-bit weight codes in [-63, 63] so that x86 CPUs without VNNI (whose
+            uint8 x int8 kernels add pairs of products in saturating int16) stay exact: on, off, or
+            auto (on unless this CPU has VNNI/AMX).
+    """
+
+    bits: int = 8
+    weights: Literal["per_channel", "per_tensor"] = "per_channel"
+    acts: Literal["static", "dynamic", "none"] = "static"
+    calib: Literal["minmax", "percentile", "mse"] = "mse"
+    percentile: float = 99.99
+    smooth: float = 0.5
+    embeddings: bool = True
+    calib_samples: int = 64
+    sweep_samples: int = 8
+    max_accuracy_drop: float | None = None
+    speed_check: bool = True
+    reduce_range: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self):
+        check_range("quant", "bits", self.bits, 2, 8)
+        if not isinstance(self.bits, int):
+            raise ConfigError(f"quant.bits must be an integer in [2, 8], got {self.bits!r}")
+        check_choice("quant", "weights", self.weights, ("per_channel", "per_tensor"))
+        check_choice("quant", "acts", self.acts, ("static", "dynamic", "none"))
+        check_choice("quant", "calib", self.calib, ("minmax", "percentile", "mse"))
+        check_choice("quant", "reduce_range", self.reduce_range, ("auto", "on", "off"))
+        check_range("quant", "percentile", self.percentile, 50, 100, lo_open=True)
+        check_range("quant", "smooth", self.smooth, 0, 1)
+        check_range("quant", "calib_samples", self.calib_samples, 1, math.inf)
+        check_range("quant", "sweep_samples", self.sweep_samples, 1, math.inf)
+        if self.max_accuracy_drop is not None:
+            check_range("quant", "max_accuracy_drop", self.max_accuracy_drop, 0, 1)
+
+
+@register_pass("quant", QuantConfig, phase=Phase.QUANT, exact=False)
+def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
+    """Post-training int8: per-channel weights, calibrated or dynamic uint8 activations, QDQ placed
+    for onnxruntime's int8 kernels, a per-layer sensitivity table and accuracy-driven fallback."""
+    if config.acts == "static":
+        ctx.require_data("quant")
+    refresh_meta(model)
+    layers, skipped = find_layers(model)
+    if not config.embeddings:
+        skipped.update({q.name: "embeddings=false" for q in layers if q.kind == "embedding"})
+        layers = [q for q in layers if q.kind != "embedding"]
+    if not layers:
+        return PassResult(model, False, {"layers": {}, "unsupported": skipped})
+    bytes_before = model.weight_bytes()
+    static_batch = 0 not in model._dynamic_dims(model.input_names[0])
+    batches, labels = _batches(model, ctx, config, static_batch)
+    smoothed = 0
+    if config.smooth > 0 and config.acts != "none":
+        groups = smooth_candidates(model, layers)
+        if groups:
+            smoothed = smooth(model, groups, observe(model.gm, groups, batches, ctx.seed), config.smooth)
+    reduce = config.reduce_range == "on" or (config.reduce_range == "auto" and not cpu_has_vnni())
+    wbits = min(config.bits, 7) if reduce else config.bits
+    for q in layers:
+        q.quantize(model, 8 if q.kind == "embedding" else wbits, config.weights == "per_channel")
+        q.packed = config.bits <= 4 and config.acts == "none" and q.kind != "embedding"
+    _choose_acts(model, layers, batches, config, ctx.seed)
+    if config.speed_check:
+        timings = {q.name: time_layer(q) for q in layers if q.act is not None}
+        for q in layers:
+            t = timings.get(q.name)
+            if t is not None and t[1] >= t[0]:
+                q.reason = f"int8 slower in onnxruntime ({t[1]:.3f} ms vs {t[0]:.3f} ms float)"
+    else:
+        timings = {}
+    sweep = _head(batches, config.sweep_samples, static_batch)
+    sweep_ref = simulate(model, [], sweep)
+    sqnr = {q.name: _sqnr(sweep_ref, simulate(model, [q], sweep)) for q in layers}
+    ref = simulate(model, [], batches)
+    active = [q for q in layers if q.reason is None]
+    drop = output_drop(ref, simulate(model, active, batches), labels)
+    if config.max_accuracy_drop is not None:
+        for q in sorted(active, key=lambda q: sqnr[q.name]):
+            if drop["drop"] <= config.max_accuracy_drop:
+                break
+            q.reason = f"kept float for max_accuracy_drop={config.max_accuracy_drop} (sensitive)"
+            active = [a for a in active if a.reason is None]
+            drop = output_drop(ref, simulate(model, active, batches), labels)
+    rewrite(model, active)
+    stats = {
+        "bits": config.bits, "weight_code_range": 2 ** (wbits - 1) - 1, "weights": config.weights,
+        "acts": config.acts, "calib": config.calib,
+        "layers": {q.name: _layer_stats(q, config, sqnr[q.name], timings.get(q.name)) for q in layers},
+        "quantized": len(active),
+        "float": {q.name: q.reason for q in layers if q.reason is not None},
+        "unsupported": skipped,
+        "smoothquant": {"alpha": config.smooth, "layernorms": smoothed},
+        "weight_bytes": {"before": bytes_before, "after": model.weight_bytes()},
+        "calibration": {"samples": sum(b[0].shape[0] for b in batches), **drop},
+    }
+    return PassResult(model, bool(active), stats)
+
+
+def output_drop(ref: list, out: list, labels: torch.Tensor | None) -> dict:
+    """Quality loss of ``out`` against the float ``ref`` (first output of each batch): accuracy drop
+    with labels, else 1 - mean cosine of per-sample outputs."""
+    a = torch.cat([o[0] for o in ref]).float()
+    b = torch.cat([o[0] for o in out]).float()
+    if labels is not None:
+        acc_f = (a.argmax(-1) == labels).float().mean().item()
+        acc_q = (b.argmax(-1) == labels).float().mean().item()
+        return {"metric": "accuracy", "float": acc_f, "quantized": acc_q, "drop": acc_f - acc_q}
+    cos = torch.nn.functional.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=1)
+    return {"metric": "cosine", "quantized": cos.mean().item(), "min": cos.min().item(),
+            "drop": 1.0 - cos.mean().item()}
+
+
+def _batches(model: Model, ctx: PassContext, config: QuantConfig, static: bool):
+    bs = model.example_inputs[0].shape[0] if static else min(32, config.calib_samples)
+    return calib_batches(ctx.data, model.example_inputs, bs, config.calib_samples, static)
+
+
+def _head(batches: list[tuple], n: int, static: bool) -> list[tuple]:
+    """The first ``n`` samples (whole batches when the batch dim is static)."""
+    out = []
+    for xs in batches:
+        if n <= 0:
+            break
+        out.append(xs if static else tuple(x[:n] for x in xs))
+        n -= xs[0].shape[0]
+    return out
+
+
+def _choose_acts(model: Model, layers: list[QLayer], batches, config: QuantConfig, seed: int) -> None:
+    if config.acts == "none":
+        return
+    static = [q for q in layers if q.x is not None and (config.acts == "static" or q.kind == "conv")]
+    stats = observe(model.gm, {q.x for q in static}, batches, seed)
+    for q in layers:
+        if q.x is None:
+            continue
+        if q in static and q.x in stats:
+            q.act = act_qparams(*choose_range(stats[q.x], config.calib, config.percentile))
+        elif config.acts == "dynamic":
+            q.act = "dynamic"
+
+
+def _sqnr(ref: list, out: list) -> float:
+    sig = sum(r.float().pow(2).sum().item() for rs in ref for r in rs)
+    err = sum((r.float() - o.float()).pow(2).sum().item()
+              for rs, os in zip(ref, out, strict=True) for r, o in zip(rs, os, strict=True))
+    return round(10 * math.log10(sig / err), 2) if err > 0 else float("inf")
+
+
+def _layer_stats(q: QLayer, config: QuantConfig, sqnr: float, timing) -> dict:
+    if q.kind == "embedding":
+        act = "float (weight-only)"
+    elif q.act == "dynamic":
+        act = "dynamic uint8 per-tensor"
+    elif q.act is not None:
+        act = f"static uint8 per-tensor (scale {q.act[0]:.4g}, zero point {q.act[1]})"
+    else:
+        act = "float"
+    gran = config.weights if q.kind != "embedding" or config.weights == "per_tensor" else "per_row"
+    bits = 8 if q.kind == "embedding" else config.bits
+    out = {"op": q.kind, "format": "float" if q.reason else f"int{bits}" + ("_packed" if q.packed else ""),
+           "bits": 32 if q.reason else bits, "granularity": gran, "activation": act,
+           "sensitivity_sqnr_db": sqnr if math.isfinite(sqnr) else None}
+    if timing is not None:
+        out["onnxruntime_ms"] = {"float": round(timing[0], 4), "int8": round(timing[1], 4)}
+    if q.reason:
+        out["reason"] = q.reason
+    return out

@@ -1,0 +1,271 @@
+"""`quant`: int8 weights and activations in QDQ form, checked on both axes.
+
+What changed: int8 buffers and QDQ nodes in the graph, QuantizeLinear/DequantizeLinear in the ONNX file,
+and int8 kernels (MatMulIntegerToFloat, QLinearConv, DynamicQuantizeMatMul) in onnxruntime's optimized
+graph. What was kept: weights on the integer grid quantize exactly, the symmetric-int8 bound
+|dy_j| <= s_j/2 ||x||_1 holds on random inputs, onnxruntime agrees with the torch simulation, and
+model-level floors (digits accuracy, output cosine) hold.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import regc
+from regc.errors import ConfigError
+from regc.passes import quant as quant_mod
+from regc.pipeline import parse_pipeline
+from regc.registry import PassContext
+from regc.zoo import accuracy, digits_cnn, digits_data
+from tests.conftest import capture_zoo, zoo_dataset
+
+qd = torch.ops.quantized_decomposed
+
+
+def _run(model, text, data=None):
+    out, records = parse_pipeline(text).run(model, PassContext(data=data))
+    json.dumps(records[0]["stats"])
+    return out, records[0]["stats"]
+
+
+def _ort(path, optimized=None):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized:
+        so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, w, b):
+        super().__init__()
+        self.fc = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(w)
+            self.fc.bias.copy_(b)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _linear_model(w, b, batch=5):
+    return regc.capture(_Linear(w, b), (torch.randn(batch, w.shape[1]),), {"x": {0: torch.export.Dim("b")}})
+
+
+@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
+def test_weights_on_the_grid_quantize_exactly(weights):
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(-127, 128, (16, 32), generator=g).float()
+    k[:, 0] = 127  # every row reaches the top code, so max|w| / 127 is the grid step
+    s = torch.rand(16, 1, generator=g) + 0.5 if weights == "per_channel" else torch.tensor(0.25)
+    m = _linear_model(k * s, torch.randn(16, generator=g))
+    x = torch.randn(7, 32, generator=g)
+    ref = m(x)
+    q, stats = _run(m, f"quant{{acts=none,weights={weights},reduce_range=off,speed_check=false}}")
+    assert stats["quantized"] == 1 and stats["layers"]["fc.weight"]["format"] == "int8"
+    codes = [t for n, t in q.gm.named_buffers() if t.dtype == torch.int8]
+    assert len(codes) == 1 and torch.equal(codes[0].float().abs().amax(), torch.tensor(127.0))
+    torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
+def test_weight_error_within_symmetric_int8_bound(weights):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 40, generator=g)
+    m = _linear_model(w, torch.zeros(24))
+    x = torch.randn(50, 40, generator=g)
+    ref = m(x)
+    q, stats = _run(m, f"quant{{acts=none,weights={weights},reduce_range=off,speed_check=false}}")
+    dy = (q(x) - ref).abs()
+    s = w.abs().amax(1) / 127 if weights == "per_channel" else w.abs().amax().expand(24) / 127
+    bound = s[None, :] / 2 * x.abs().sum(1, keepdim=True)
+    assert (dy <= bound * (1 + 1e-5) + 1e-6).all()
+    assert dy.max() > 0  # not a no-op: the weights are really rounded
+    assert stats["weight_bytes"]["after"] < stats["weight_bytes"]["before"] / 2
+
+
+@pytest.mark.slow
+def test_bert_static_int8_runs_as_int8_matmuls_in_onnxruntime(tmp_path):
+    model = capture_zoo("bert_encoder")
+    data = zoo_dataset(model, n=16)
+    xs = data.batch(0, 4, like=model.example_inputs)
+    with torch.no_grad():
+        ref = model(*xs)
+    q, stats = _run(model, "quant{speed_check=false}", data)
+    linears = [n for n, v in stats["layers"].items() if v["op"] == "linear"]
+    embeddings = [n for n, v in stats["layers"].items() if v["op"] == "embedding"]
+    assert len(linears) == 12 and len(embeddings) == 2 and stats["quantized"] == 14 and not stats["float"]
+    assert stats["smoothquant"]["layernorms"] > 0
+    for v in stats["layers"].values():
+        assert v["sensitivity_sqnr_db"] is not None and v["sensitivity_sqnr_db"] > 10
+    with torch.no_grad():
+        got = q(*xs)
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min()
+    assert cos > 0.99
+    q.save(tmp_path / "q.onnx")
+    exported = _ops(tmp_path / "q.onnx")
+    assert exported["DequantizeLinear"] >= 12 and exported["QuantizeLinear"] >= 1
+    inits = {i.name: i.data_type for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    assert sum(t == onnx.TensorProto.INT8 for t in inits.values()) >= 14
+    sess = _ort(tmp_path / "q.onnx", tmp_path / "opt.onnx")
+    assert _ops(tmp_path / "opt.onnx")["MatMulIntegerToFloat"] == 12
+    feed = {n: x.numpy() for n, x in zip(q.input_names, xs, strict=True)}
+    np.testing.assert_allclose(sess.run(None, feed)[0], got.numpy(), atol=0.05)
+
+
+@pytest.mark.slow
+def test_dynamic_acts_export_dynamic_quantize_linear(tmp_path):
+    model = capture_zoo("bert_encoder")
+    xs = model.example_inputs
+    with torch.no_grad():
+        ref = model(*xs)
+    q, stats = _run(model, "quant{acts=dynamic,speed_check=false,embeddings=false}")
+    assert all(v["activation"].startswith("dynamic") for v in stats["layers"].values())
+    assert "embeddings" in " ".join(stats["unsupported"].values())
+    with torch.no_grad():
+        got = q(*xs)
+    assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.99
+    q.save(tmp_path / "q.onnx")
+    assert _ops(tmp_path / "q.onnx")["DynamicQuantizeLinear"] >= 6
+    sess = _ort(tmp_path / "q.onnx", tmp_path / "opt.onnx")
+    opt = _ops(tmp_path / "opt.onnx")
+    assert opt["DynamicQuantizeMatMul"] + opt["MatMulIntegerToFloat"] == 12
+    feed = {n: x.numpy() for n, x in zip(q.input_names, xs, strict=True)}
+    np.testing.assert_allclose(sess.run(None, feed)[0], got.numpy(), atol=0.05)
+
+
+def _digits():
+    z = digits_cnn()
+    m = regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
+                     output_names=z.output_names)
+    d = digits_data()
+    return regc.compress(m, "fold_bn"), d, regc.Dataset({"image": d.x_train[:256]}, d.y_train[:256])
+
+
+def test_digits_cnn_qlinearconv_and_accuracy(tmp_path):
+    m, d, calib = _digits()
+    acc_float = accuracy(m, d.x_test, d.y_test)
+    q, stats = _run(m, "quant{speed_check=false}", calib)
+    assert [v["format"] for v in stats["layers"].values()] == ["int8"] * 3
+    assert stats["calibration"]["metric"] == "accuracy"
+    acc_q = accuracy(q, d.x_test, d.y_test)
+    assert acc_q >= acc_float - 0.01
+    q.save(tmp_path / "q.onnx")
+    sess = _ort(tmp_path / "q.onnx", tmp_path / "opt.onnx")
+    assert _ops(tmp_path / "opt.onnx")["QLinearConv"] == 2
+    logits = sess.run(None, {"image": d.x_test.numpy()})[0]
+    np.testing.assert_allclose(logits, q(d.x_test).detach().numpy(), atol=0.15)  # integer kernels round
+    assert (logits.argmax(1) == d.y_test.numpy()).mean() >= acc_float - 0.01
+
+
+def test_max_accuracy_drop_keeps_the_most_sensitive_layers_float():
+    model = capture_zoo("mlp")
+    data = zoo_dataset(model, n=64)
+    data.labels = None  # no labels: the drop is 1 - mean output cosine, never exactly 0
+    opts = "speed_check=false,calib=minmax,weights=per_tensor,bits=4,acts=dynamic"
+    _, full = _run(model.clone(), f"quant{{{opts}}}", data)
+    target = full["calibration"]["drop"] / 3
+    q, stats = _run(model, f"quant{{{opts},max_accuracy_drop={target}}}", data)
+    assert stats["float"], "a target below the all-int8 drop must keep some layers float"
+    assert all("max_accuracy_drop" in r for r in stats["float"].values())
+    assert stats["calibration"]["drop"] <= target
+    sqnr = {n: v["sensitivity_sqnr_db"] for n, v in stats["layers"].items()}
+    most_sensitive = min(sqnr, key=sqnr.get)
+    assert most_sensitive in stats["float"] and stats["layers"][most_sensitive]["format"] == "float"
+    kept = {n for n, v in stats["layers"].items() if v["format"] == "float"}
+    assert kept == set(sorted(sqnr, key=sqnr.get)[:len(kept)])  # fallback goes in sensitivity order
+
+
+def test_speed_check_keeps_layers_float_where_int8_loses(monkeypatch):
+    model = capture_zoo("mlp")
+    slow = {"n": 0}
+
+    def fake_timing(layer):
+        slow["n"] += 1
+        return (1.0, 2.0) if slow["n"] == 1 else (2.0, 1.0)
+
+    monkeypatch.setattr(quant_mod, "time_layer", fake_timing)
+    q, stats = _run(model, "quant{acts=dynamic}")
+    first, *rest = stats["layers"].values()
+    assert first["format"] == "float" and "slower" in first["reason"]
+    assert first["onnxruntime_ms"] == {"float": 1.0, "int8": 2.0}
+    assert all(v["format"] == "int8" for v in rest)
+
+
+def test_unsupported_layers_are_listed_not_fatal():
+    class Up(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.ConvTranspose2d(4, 2, 2, stride=2)
+            self.fc = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.up(x).flatten(1)[:, :16])
+
+    m = regc.capture(Up(), (torch.randn(2, 4, 3, 3),))
+    q, stats = _run(m, "quant{acts=dynamic,speed_check=false}")
+    assert list(stats["unsupported"]) == ["up.weight"] and stats["quantized"] == 1
+
+
+def test_static_needs_data_and_bad_options_raise():
+    with pytest.raises(ConfigError, match="calibration data"):
+        _run(capture_zoo("mlp"), "quant")
+    bad = [("quant{bits=9}", "bits"), ("quant{acts=int4}", "acts"), ("quant{smooth=2}", "smooth"),
+           ("quant{max_accuracy_drop=-1}", "max_accuracy_drop"), ("quant{percentile=10}", "percentile")]
+    for text, field in bad:
+        with pytest.raises(ConfigError, match=f"quant.{field}"):
+            parse_pipeline(text)
+
+
+@pytest.mark.slow
+def test_minilm_static_int8_fidelity_and_bytes():
+    from regc.zoo import SENTENCES, minilm, minilm_tokenize
+
+    z = minilm()
+    m = regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
+                     output_names=z.output_names)
+    ids, mask = minilm_tokenize(SENTENCES)
+    with torch.no_grad():
+        ref = m(ids, mask)
+    calib = regc.Dataset({"input_ids": ids[:16], "attention_mask": mask[:16]})
+    q, stats = _run(m, "quant{speed_check=false,sweep_samples=1}", calib)
+    assert stats["quantized"] == 39
+    assert stats["weight_bytes"]["after"] < 0.26 * stats["weight_bytes"]["before"]
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(q(ids, mask), ref)
+    assert cos[16:].mean() >= 0.995 and cos.min() >= 0.99
+
+
+def test_tied_embedding_and_head_are_not_smoothed():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.norm = torch.nn.LayerNorm(16)
+            self.head = torch.nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.norm(self.emb(ids)))
+
+    torch.manual_seed(0)
+    m = regc.capture(Tied(), (torch.randint(0, 50, (2, 6)),))
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        ref = m(ids)
+    q, stats = _run(m, "quant{speed_check=false,acts=dynamic}")
+    assert stats["smoothquant"]["layernorms"] == 0 and stats["quantized"] == 2
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(q(ids).flatten(), ref.flatten(), dim=0) > 0.999

@@ -23,6 +23,11 @@ CONTRACT: dict[str, tuple[tuple[str, ...], dict]] = {
     "issp": (("mlp",), {"sparsity": 0.5}),
     "quant": (("mlp", "digits_cnn", "bert_encoder", "gpt2_decoder"), {"speed_check": False, "sweep_samples": 4}),
     "rf8": (("mlp", "bert_encoder", "gpt2_decoder"), {}),
+    "regularize": (("mlp", "bert_encoder"), {"kind": "group_lasso"}),
+    "compander": (("mlp", "digits_cnn"), {}),
+    "gg_fit": (("mlp",), {}),
+    "gg_init": (("mlp",), {}),
+    "deepshape": (("digits_cnn",), {}),
 }
 
 

@@ -49,8 +49,7 @@ def test_compile_fold_bn_x86_matches_onnxruntime(resnet_onnx, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "size:" in stdout and "latency" in stdout and "report.json" in stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["passes"][0]["stats"]["folded"] > 0
-    assert report["size"]["params_after"] < report["size"]["params_before"]
+    assert report["passes"][0]["pass"] == "fold_bn"  # torch's ONNX export already folded BN here
     ref = _ort(path, {name: xs})[0]
     np.savez(tmp_path / "in.npz", **{name: xs})
     for artifact in (out / "model.onnx", out / "x86_64"):
@@ -59,6 +58,16 @@ def test_compile_fold_bn_x86_matches_onnxruntime(resnet_onnx, tmp_path, capsys):
         with np.load(tmp_path / "o.npz") as z:
             got = z[z.files[0]]
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_module_function_folds_bn(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", "regc.zoo:resnet18_style", "-p", "fold_bn", "-o", str(out), "-q", "--no-bench"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["passes"][0]["stats"]["folded"] == 20 and report["passes"][0]["modified"]
+    assert report["size"]["params_after"] < report["size"]["params_before"]
+    assert report["origin"] == "torch" and (out / "model.onnx").is_file()
 
 
 def _bad_onnx_unknown_op(path):

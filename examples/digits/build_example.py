@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     onnx_path = out / "digits_cnn.onnx"
     torch.onnx.export(zm.module, zm.example_inputs, onnx_path, dynamo=True, external_data=False,
                       input_names=zm.input_names, output_names=zm.output_names,
-                      dynamic_shapes=zm.dynamic_shapes, verbose=False,
-                      optimize=False)  # keep BatchNormalization nodes, as most exported models have them
+                      dynamic_shapes=zm.dynamic_shapes, verbose=False)
     calib = slice(0, CALIB_SIZE)
     np.savez(out / "calib.npz", image=data.x_train[calib].numpy(), labels=data.y_train[calib].numpy())
     np.savez(out / "test.npz", image=data.x_test.numpy(), labels=data.y_test.numpy())

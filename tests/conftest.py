@@ -1,9 +1,15 @@
 """Shared fixtures: small captured models built in code (no downloads)."""
 
-import pytest
-import torch
+import os
 
-import regc
+# Triton fixes interpreter-vs-GPU when its @jit functions (its own standard library included) are
+# defined, so the CPU interpreter must be on before anything in the session imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import regc  # noqa: E402
 
 
 class ConvBnNet(torch.nn.Module):

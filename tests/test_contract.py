@@ -23,6 +23,8 @@ CONTRACT: dict[str, tuple[tuple[str, ...], dict]] = {
     "issp": (("mlp",), {"sparsity": 0.5}),
     "quant": (("mlp", "digits_cnn", "bert_encoder", "gpt2_decoder"), {"speed_check": False, "sweep_samples": 4}),
     "rf8": (("mlp", "bert_encoder", "gpt2_decoder"), {}),
+    "svd": (("mlp", "resnet18_style", "bert_encoder", "gpt2_decoder"), {"ratio": 0.5}),
+    "fwsvd": (("mlp", "digits_cnn", "mobilenetv2_style", "gpt2_decoder"), {"ratio": 0.5, "fisher": "batch"}),
     "regularize": (("mlp", "bert_encoder"), {"kind": "group_lasso"}),
     "compander": (("mlp", "digits_cnn"), {}),
     "gg_fit": (("mlp",), {}),
@@ -62,7 +64,10 @@ def test_pass_contract(name, zoo_name, opts):
     text_before, state_before = model.print(), _state(model)
     step = PassStep(info, info.make_config(opts))
     torch.manual_seed(0)
-    result = info.fn(model, step.config, PassContext(data=data))
+    from regc.train import TrainSpec
+
+    train = TrainSpec(data=data, steps=2, batch_size=8, progress=False)  # training passes: a short run
+    result = info.fn(model, step.config, PassContext(data=data, train=train))
     result.model.verify()
     changed = result.model.print() != text_before or any(
         k not in state_before or not torch.equal(v, state_before[k]) for k, v in _state(result.model).items())

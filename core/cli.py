@@ -185,9 +185,9 @@ def _latency(original, tmp: Path, require) -> dict[str, Any]:
 
 
 def _load_train_spec(path: str):
-    from regc.plugins import require
+    from regc.train import TrainSpec
 
-    return require("train_spec_from_file")(path)
+    return TrainSpec.from_file(path)
 
 
 def cmd_run(args) -> int:

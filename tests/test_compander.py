@@ -13,12 +13,7 @@ from regc.train import TrainSpec, fit
 from regc.zoo import digits_cnn, digits_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("cls", [TanhCompander, PowerCompander])

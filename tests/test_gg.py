@@ -13,12 +13,7 @@ from regc.passes import _gg_math as gg
 from regc.train import TrainSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rho_table_known_values_and_monotone():

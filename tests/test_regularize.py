@@ -18,12 +18,7 @@ from regc.passes import _reg_math as rm
 from regc.train import TrainSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grad(fn, x):

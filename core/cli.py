@@ -323,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=100)
     b.add_argument("--json", help="also write the numbers to this JSON file")
     b.set_defaults(fn=cmd_bench)
+
+    from regc.plugins import commands
+
+    for cmd in commands().values():  # plug-in commands: tune, export, report, ...
+        sp = sub.add_parser(cmd.name, help=cmd.help)
+        cmd.configure(sp)
+        sp.set_defaults(fn=cmd.run)
     return p
 
 

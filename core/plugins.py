@@ -31,6 +31,9 @@ __all__ = [
     "Target",
     "register_onnx_translation",
     "onnx_translations",
+    "register_command",
+    "commands",
+    "Command",
 ]
 
 _LOADERS: dict[str, Callable[..., Any]] = {}
@@ -39,6 +42,7 @@ _TARGETS: dict[str, "Target"] = {}
 _SERVICES: dict[str, Any] = {}
 _ONNX_TRANSLATIONS: dict[Any, Callable[..., Any]] = {}
 _ONNX_FUNCTIONS: dict[tuple[str, str], Any] = {}
+_COMMANDS: dict[str, "Command"] = {}
 _loaded = False
 
 
@@ -49,6 +53,28 @@ class Target:
     name: str
     description: str
     lower: Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A ``regc`` subcommand contributed by a plug-in: ``configure(parser)`` adds its arguments,
+    ``run(args) -> exit code`` does the work (raise a ``RegcError`` for bad input)."""
+
+    name: str
+    help: str
+    configure: Callable[[Any], None]
+    run: Callable[[Any], int]
+
+
+def register_command(cmd: Command) -> None:
+    if cmd.name in _COMMANDS:
+        raise ValueError(f"regc command {cmd.name!r} is registered twice")
+    _COMMANDS[cmd.name] = cmd
+
+
+def commands() -> dict[str, Command]:
+    load_plugins()
+    return dict(_COMMANDS)
 
 
 def load_plugins() -> None:

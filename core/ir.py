@@ -80,7 +80,7 @@ class Model:
                     f"input '{name}' has shape {tuple(a.shape)}, the model expects rank {ex.dim()} "
                     f"like {tuple(ex.shape)}"
                 )
-            dyn = self._dynamic_dims(name)
+            dyn = self.dynamic_dims(name)
             for i, (s, e) in enumerate(zip(a.shape, ex.shape)):
                 if i not in dyn and s != e:
                     raise InputMismatchError(
@@ -96,7 +96,8 @@ class Model:
             return tuple(ds.get(name) for name in self.input_names)
         return ds
 
-    def _dynamic_dims(self, name: str) -> set[int]:
+    def dynamic_dims(self, name: str) -> set[int]:
+        """Positions of the dims of input ``name`` that may vary (from ``dynamic_shapes``)."""
         ds = self.dynamic_shapes
         if ds is None:
             return set()
@@ -110,6 +111,8 @@ class Model:
         if isinstance(spec, dict):
             return set(spec)
         return {i for i, d in enumerate(spec) if d is not None}
+
+    _dynamic_dims = dynamic_dims  # the old private name, still read by core/_train_data.py
 
     # ---- mode ----------------------------------------------------------------------------------
     def train_mode(self, on: bool = True) -> "Model":
@@ -146,6 +149,15 @@ class Model:
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj
+
+    def free_target(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``, ... : the first name no parameter or buffer uses yet."""
+        taken = {k for k, _ in self.gm.named_parameters()} | {k for k, _ in self.gm.named_buffers()}
+        cand, i = base, 0
+        while cand in taken:
+            i += 1
+            cand = f"{base}_{i}"
+        return cand
 
     def set_tensor(self, target: str, value: torch.Tensor, *, trainable: bool | None = None) -> None:
         """Create or replace the attribute behind ``target`` (a parameter unless ``trainable=False``)."""

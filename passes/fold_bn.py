@@ -56,7 +56,7 @@ def fold_bn(model: Model, config: FoldBnConfig, ctx: PassContext) -> PassResult:
         new_b = (b - mu) * s + (model.get_tensor(beta.target).detach() if beta is not None else 0)
         model.set_tensor(w_t, w * s.reshape(-1, *([1] * (w.dim() - 1))))
         if b_t is None:
-            b_t = _free_name(model, w_t.rsplit(".", 1)[0] + ".bias" if "." in w_t else w_t + "_bias")
+            b_t = model.free_target(w_t.rsplit(".", 1)[0] + ".bias" if "." in w_t else w_t + "_bias")
             model.set_tensor(b_t, new_b)
             with gm.graph.inserting_before(prod):
                 b_node = gm.graph.get_attr(b_t)
@@ -77,12 +77,3 @@ def fold_bn(model: Model, config: FoldBnConfig, ctx: PassContext) -> PassResult:
 def _shared(gm, target: str) -> bool:
     return sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == target) != 1 or any(
         len(n.users) != 1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
-
-
-def _free_name(model: Model, name: str) -> str:
-    taken = dict(model.gm.named_parameters()) | dict(model.gm.named_buffers())
-    cand, i = name, 0
-    while cand in taken:
-        i += 1
-        cand = f"{name}_{i}"
-    return cand

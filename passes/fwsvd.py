@@ -278,7 +278,7 @@ def _replace(model: Model, lay: _Layer, a: torch.Tensor, b: torch.Tensor, r: int
     user = lay.name
     targets = []
     for tag, value in (("a", first_w), ("b", second_w)):
-        t = _free_target(model, f"{lay.weight}_lowrank_{tag}")
+        t = model.free_target(f"{lay.weight}_lowrank_{tag}")
         model.set_tensor(t, value.to(dtype).contiguous())
         model.param_names[t] = f"{user}_lowrank_{tag}"
         model.annotations[t] = {"rank": r, "lowrank_of": user, "factor": tag}
@@ -326,12 +326,3 @@ def _entry(node: fx.Node, shape: tuple[int, ...], r: int | None, sp: Spectrum | 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _free_target(model: Model, base: str) -> str:
-    taken = {k for k, _ in model.gm.named_parameters()} | {k for k, _ in model.gm.named_buffers()}
-    cand, i = base, 0
-    while cand in taken:
-        i += 1
-        cand = f"{base}_{i}"
-    return cand

@@ -46,7 +46,7 @@ class Source:
         self.model, self.batch_size, self.seed, self.rank, self.world = model, batch_size, seed, rank, world
         self.data = data
         # a model captured with a static batch dim takes only full batches
-        self.min_part = batch_size if 0 not in model._dynamic_dims(model.input_names[0]) else world
+        self.min_part = batch_size if 0 not in model.dynamic_dims(model.input_names[0]) else world
         if isinstance(data, Dataset):
             n = len(data)
             if batch_size < world:

@@ -112,8 +112,6 @@ class Model:
             return set(spec)
         return {i for i, d in enumerate(spec) if d is not None}
 
-    _dynamic_dims = dynamic_dims  # the old private name, still read by core/_train_data.py
-
     # ---- mode ----------------------------------------------------------------------------------
     def train_mode(self, on: bool = True) -> "Model":
         """Switch BatchNorm statistics updates and dropout on or off (in place)."""

@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--out", default="bench/results/prune_bert.json")
     args = ap.parse_args()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     vocab, seq = 1000, 32
     zm = bert_encoder(vocab_size=vocab, hidden=128, layers=4, heads=8, max_positions=64)

@@ -310,7 +310,8 @@ def _reduction(p: _Prop, node: fx.Node) -> torch.Tensor:
 
 _POOL_DIMS = {aten.max_pool1d.default: 1, aten.avg_pool1d.default: 1, aten.max_pool2d.default: 2,
               aten.avg_pool2d.default: 2, aten.adaptive_avg_pool2d.default: 2, aten.max_pool3d.default: 3,
-              aten.adaptive_avg_pool1d.default: 1, aten.adaptive_max_pool2d.default: 2}
+              aten.adaptive_avg_pool1d.default: 1, aten.adaptive_max_pool2d.default: 2,
+              aten.max_pool2d_with_indices.default: 2, aten.max_pool3d_with_indices.default: 3}
 
 
 def _pool(p: _Prop, node: fx.Node) -> torch.Tensor:
@@ -318,6 +319,15 @@ def _pool(p: _Prop, node: fx.Node) -> torch.Tensor:
     lab = p.lab(node.args[0])
     rep = p.reduce(lab, range(lab.dim() - k, lab.dim()))
     return rep.reshape(*rep.shape, *([1] * k)).expand(p.shape(node))
+
+
+def _pool_with_indices(p: _Prop, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_pool with indices (ONNX MaxPool imports): values and argmax indices are both per channel."""
+    k = _POOL_DIMS[node.target]
+    lab = p.lab(node.args[0])
+    rep = p.reduce(lab, range(lab.dim() - k, lab.dim()))
+    out = rep.reshape(*rep.shape, *([1] * k)).expand(p.val(node)[0].shape)
+    return out, out
 
 
 def _contract(p: _Prop, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
@@ -466,6 +476,8 @@ Rule = Callable[[_Prop, fx.Node], Any]
 _RULES: dict[Any, Rule] = {
     operator.getitem: _getitem,
     aten.slice.Tensor: _slice,
+    aten.max_pool2d_with_indices.default: _pool_with_indices,
+    aten.max_pool3d_with_indices.default: _pool_with_indices,
     aten.batch_norm.default: _batch_norm,
     aten.layer_norm.default: _layer_norm,
     aten.rms_norm.default: _layer_norm,
@@ -567,6 +579,7 @@ class DepGraph:
                     val = val.index_select(d, k.nonzero().flatten())
                 trainable = isinstance(self.model.get_tensor(t), torch.nn.Parameter)
                 self.model.set_tensor(t, val, trainable=trainable)
+                _slice_mask(self.model, t, dims)
         self.model.recompile()
         after = _layer_sizes(self.model)
         return {name: {**{f"{k}_before": v for k, v in before[name].items()},
@@ -628,6 +641,19 @@ class DepGraph:
                 args = list(n.args) + [1] * max(0, _CONV_GROUPS_ARG.get(t, 6) + 1 - len(n.args))
                 args[_CONV_GROUPS_ARG.get(t, 6)] = int(kept(src, cdim).sum())
                 n.args = tuple(args)
+
+
+def _slice_mask(model: Model, target: str, dims: list[tuple[int, torch.Tensor]]) -> None:
+    """Keep a same-shaped ``annotations[target]["mask"]`` (ISS-P) in step with its sliced tensor."""
+    ann = model.annotations.get(target, {})
+    mask = ann.get("mask")
+    if not isinstance(mask, torch.Tensor):
+        return
+    for d, k in dims:
+        mask = mask.index_select(d, k.nonzero().flatten())
+    ann["mask"] = mask
+    if "sparsity" in ann:
+        ann["sparsity"] = 1 - int(mask.sum()) / max(1, mask.numel())
 
 
 def _layer_sizes(model: Model) -> dict[str, dict[str, int]]:

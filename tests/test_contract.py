@@ -20,6 +20,7 @@ CONTRACT: dict[str, tuple[tuple[str, ...], dict]] = {
     "canonicalize": (("mobilenetv2_style", "gpt2_decoder"), {}),
     "prune": (("resnet18_style", "mobilenetv2_style", "bert_encoder", "gpt2_decoder"), {"ratio": 0.5}),
     "harden": (("resnet18_style", "bert_encoder"), {}),
+    "wgsef": (("resnet18_style", "bert_encoder"), {"keep": 0.5}),
     "issp": (("mlp",), {"sparsity": 0.5}),
     "quant": (("mlp", "digits_cnn", "bert_encoder", "gpt2_decoder"), {"speed_check": False, "sweep_samples": 4}),
     "rf8": (("mlp", "bert_encoder", "gpt2_decoder"), {}),
@@ -30,6 +31,8 @@ CONTRACT: dict[str, tuple[tuple[str, ...], dict]] = {
     "gg_fit": (("mlp",), {}),
     "gg_init": (("mlp",), {}),
     "deepshape": (("digits_cnn",), {}),
+    "eqnet": (("digits_cnn",), {"bits": "2:4:8", "calib_samples": 8, "eval_samples": 8,
+                                "predictor_samples": 4, "predictor_epochs": 2, "population": 4, "generations": 1}),
 }
 
 

@@ -6,6 +6,7 @@
     art = regc.lower(m, "x86_64")               # art.save(folder)
 """
 
+from regc import train  # regc.train.TrainSpec without a separate import
 from regc.api import capture, load, lower
 from regc.data import Dataset, load_npz
 from regc.errors import *  # noqa: F403
@@ -14,8 +15,10 @@ from regc.ir import Model
 from regc.opclass import OpClass, op_class
 from regc.pipeline import Pipeline, compress, parse_pipeline
 from regc.registry import PassContext, PassResult, Phase, register_pass
+from regc.train import TrainSpec, fit
 
 __all__ = [
     "Model", "capture", "load", "lower", "compress", "Pipeline", "parse_pipeline", "register_pass",
-    "PassResult", "PassContext", "Phase", "OpClass", "op_class", "Dataset", "load_npz", *_errors_all,
+    "PassResult", "PassContext", "Phase", "OpClass", "op_class", "Dataset", "load_npz",
+    "train", "TrainSpec", "fit", *_errors_all,
 ]

@@ -6,6 +6,7 @@
     regc passes [NAME]
     regc targets
     regc bench ARTIFACT [--baseline ARTIFACT]
+    regc report OUT
 """
 
 from __future__ import annotations
@@ -103,10 +104,20 @@ def cmd_compile(args) -> int:
     from regc.data import load_npz
     from regc.plugins import require, target
     from regc.registry import PassContext
-    from regc.report import build_report, output_quality, summary_lines, write_report
+    from regc.report import (
+        build_report,
+        latency_share,
+        layer_profile,
+        output_quality,
+        summary_lines,
+        write_html,
+        write_report,
+    )
 
     pipeline = regc.parse_pipeline(args.passes)
+    target_opts: dict[str, str] = {}
     if args.target:
+        args.target, target_opts = _target_spec(args.target)
         target(args.target)
     train_spec = _load_train_spec(args.train) if args.train else None
     out = Path(args.output)
@@ -132,19 +143,25 @@ def cmd_compile(args) -> int:
         artifacts = {"onnx": "model.onnx"}
         if args.target:
             with prog.step(f"lowering to {args.target}"):
-                art = regc.lower(model, args.target, tuning_db=args.tuning_db) if args.tuning_db else \
-                    regc.lower(model, args.target)
+                art = regc.lower(model, args.target, **target_opts,
+                                 **({"tuning_db": args.tuning_db} if args.tuning_db else {}))
                 art.save(str(tmp / args.target))
-                _smoke_test(require("open_artifact")(tmp / args.target), model)
+                if getattr(art, "runs_here", lambda: True)():
+                    _smoke_test(require("open_artifact")(tmp / args.target), model)
+                else:
+                    prog.log(f"not run: this machine lacks the device '{args.target}' builds run on")
             artifacts[args.target] = args.target
         with prog.step("measuring quality and latency"):
             quality = output_quality(original, model, data) if data is not None else None
             latency = None if args.no_bench else _latency(original, tmp, require)
+            profile = layer_profile(original, model, data)
+            layer_latency = None if args.no_bench else latency_share(tmp / "model.onnx", model)
         report = build_report(source=args.model, pipeline=str(pipeline), target=args.target, before=original,
                               after=model, passes=records, quality=quality, latency=latency,
-                              artifacts=artifacts)
+                              artifacts=artifacts, profile=profile, layer_latency=layer_latency)
         with prog.step("writing report"):
             write_report(report, tmp / "report.json")
+            write_html(report, tmp / "report.html")
         _commit_out(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,6 +169,16 @@ def cmd_compile(args) -> int:
     for line in summary_lines(report, str(out)):
         print(line)
     return 0
+
+
+def _target_spec(text: str) -> tuple[str, dict[str, str]]:
+    """``-t`` text in pipeline-step syntax: 'cuda{arch=sm_80}' -> ('cuda', {'arch': 'sm_80'})."""
+    from regc.pipeline import _split
+
+    steps = list(_split(text))
+    if len(steps) != 1:
+        raise ConfigError(f"-t {text}: give one target, optionally with options, e.g. 'cuda{{arch=sm_80}}'")
+    return steps[0]
 
 
 def _smoke_test(runner, model) -> None:
@@ -188,6 +215,29 @@ def _load_train_spec(path: str):
     from regc.train import TrainSpec
 
     return TrainSpec.from_file(path)
+
+
+def cmd_report(args) -> int:
+    from regc.report import load_report, per_layer_table, write_html, write_report
+
+    out = Path(args.output)
+    report = load_report(out)
+    report["per_layer"] = per_layer_table(report)
+    write_report(report, out / "report.json")
+    write_html(report, out / "report.html")
+    print(f"{'layer':<28}{'params':>18}{'MACs/sample':>22}{'out err':>10}{'latency':>9}")
+    for row in report["per_layer"]["rows"]:
+        err, share = row["output_rel_error"], row["latency_share"]
+        err = "n/a" if err is None else f"{err:.1e}"
+        share = "n/a" if share is None else f"{100 * share:.1f}%"
+        print(f"{row['name'][-27:]:<28}{_arrow(row['params_before'], row['params_after']):>18}"
+              f"{_arrow(row['macs_before'], row['macs_after']):>22}{err:>10}{share:>9}")
+    print(f"report: {out / 'report.html'} (table: {out / 'report.json'} key 'per_layer')")
+    return 0
+
+
+def _arrow(a, b) -> str:
+    return f"{'n/a' if a is None else a} -> {'n/a' if b is None else b}"
 
 
 def cmd_run(args) -> int:
@@ -312,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("passes", help="list passes, or show one pass's options and defaults")
     ps.add_argument("name", nargs="?")
     ps.set_defaults(fn=cmd_passes)
+
+    rp = sub.add_parser("report", help="per-layer table (report.json) and static report.html of a compile")
+    rp.add_argument("output", help="the -o folder of a 'regc compile' run")
+    rp.set_defaults(fn=cmd_report)
 
     t = sub.add_parser("targets", help="list compile targets")
     t.set_defaults(fn=cmd_targets)

@@ -611,7 +611,9 @@ class DepGraph:
                 if pieces != [x.shape[dim] for x in lab]:
                     _rw_split(n, pieces)
             elif t in (aten.slice.Tensor, aten.select.int, aten.narrow.default):
-                src = labels[n.args[0]]
+                src = labels.get(n.args[0])
+                if src is None:  # a constant the graph reads (e.g. a position-id buffer): no channels
+                    continue
                 dim = n.args[1] % src.dim()
                 k = kept(src, dim)
                 if bool(k.all()):

@@ -176,6 +176,12 @@ def eval_data(model: Model, spec: TrainSpec, calib_samples: int, eval_samples: i
         else:
             break
     rest = rest or calib
+    with torch.no_grad():
+        out = model.run(*rest[0].inputs)[0]
+    if out.dim() != 2:
+        raise ConfigError(f"eqnet ranks subnets by top-1 accuracy, so the model's first output must be "
+                          f"(batch, classes) logits; it is {tuple(out.shape)}. For encoders without a "
+                          "classifier head use quant or rf8, or add the head before eqnet")
     labels = []
     for raw in rest:
         if raw.labels is None:

@@ -295,3 +295,14 @@ def test_without_labels_the_float_models_argmax_is_the_label(cnn):
     sn = build_supernet(model, config, data)
     summary = train_supernet(sn, config, spec)
     assert summary["steps"] == 2 and math.isfinite(summary["loss_last"]) and "wdr" not in summary["terms"]
+
+
+def test_a_model_without_class_logits_is_refused_with_a_clear_error():
+    from tests.test_depgraph import capture_zoo
+
+    model = capture_zoo("bert_encoder")  # outputs (batch, tokens, hidden): no top-1 accuracy
+    ds = regc.Dataset({n: t.repeat(4, *[1] * (t.dim() - 1)) for n, t in zip(model.input_names,
+                                                                          model.example_inputs, strict=True)})
+    spec = TrainSpec(data=ds, steps=2, batch_size=4, progress=False)
+    with pytest.raises(regc.ConfigError, match=r"\(batch, classes\) logits"):
+        eval_data(model, spec, 4, 4)

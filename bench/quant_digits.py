@@ -3,11 +3,15 @@
     python bench/quant_digits.py [--out bench/results/quant_digits.json] [--runs 300]
 
 The zoo's digits CNN (BatchNorm folded) is calibrated on 256 training images and exported twice:
-    regc          quant (default: the per-layer speed check keeps layers float where int8 loses)
-    regc_forced   quant{speed_check=false} (every conv/linear int8), to show what int8 costs here
+    regc          quant{speed_batch=64} (the per-layer speed check, at batch 64, keeps layers float
+                  where int8 loses)
+    regc_forced   quant{speed_check=false}: every conv/linear int8 as one uint8 chain (input Q, two
+                  QLinearConv with fused relu, uint8 NhwcMaxPool, QGemm; no DQ between layers)
 Per model, in onnxruntime (1 thread): test accuracy (360 images), latency at batch 1 and 64 (median
-and min, interleaved with fp32), the int8 kernels in the optimized graph, and the pass's per-layer
-table (sensitivity, format, the layer timings that decided). Numbers are as measured on this machine.
+and min, interleaved with fp32), the int8 kernels in the optimized graph, the pass's per-layer table
+(sensitivity, format, the layer timings that decided), and for fp32 and regc_forced onnxruntime's
+profile at batch 64 (median kernel time per node, microseconds), which shows where int8 loses.
+Numbers are as measured on this machine.
 """
 
 from __future__ import annotations
@@ -28,7 +32,24 @@ from regc.pipeline import parse_pipeline
 from regc.registry import PassContext
 from regc.zoo import digits_cnn, digits_data
 
-VARIANTS = {"regc": "quant", "regc_forced": "quant{speed_check=false}"}
+VARIANTS = {"regc": "quant{speed_batch=64}", "regc_forced": "quant{speed_check=false}"}
+
+
+def node_profile(path: Path, feed: dict, runs: int, tmp: Path) -> dict[str, float]:
+    """Median kernel time (us) per node of ``path`` over ``runs`` runs, from onnxruntime's profiler."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp / path.stem)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(None, feed)
+    times = collections.defaultdict(list)
+    for e in json.loads(Path(sess.end_profiling()).read_text()):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            times[f"{e['args']['op_name']} {e['name'][:-len('_kernel_time')]}"].append(e["dur"])
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def session(path: Path, optimized: Path) -> ort.InferenceSession:
@@ -79,6 +100,9 @@ def main() -> None:
             models[k][f"batch{bs}"] = {"median_ms": med, "min_ms": lo,
                                        "ratio_median": med / float(np.median(times["fp32"])),
                                        "ratio_min": lo / float(np.min(times["fp32"]))}
+    for k in ("fp32", "regc_forced"):
+        prof = node_profile(tmp / f"{k}.onnx", {"image": x_test[:64]}, args.runs, tmp)
+        models[k]["batch64_profile_us"] = {**prof, "total": sum(prof.values())}
     result = {"benchmark": "quant_digits", "onnxruntime": ort.__version__, "threads": 1, "models": models,
               "stats": stats}
     out = Path(args.out)
@@ -90,6 +114,9 @@ def main() -> None:
               f"  bs64 {b64['median_ms']:.3f} ms ({b64['ratio_median']:.2f}x)  {v['int8_kernels']}")
     for name in VARIANTS:
         print(name, {n: (v["format"], v.get("onnxruntime_ms")) for n, v in stats[name]["layers"].items()})
+    for k in ("fp32", "regc_forced"):
+        prof = models[k]["batch64_profile_us"]
+        print(k, "batch 64 profile (us):", {n: round(t, 1) for n, t in prof.items()})
 
 
 if __name__ == "__main__":

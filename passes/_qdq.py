@@ -7,6 +7,14 @@ Weights: symmetric int-b, ``s = max|w| / (2^(b-1) - 1)`` per output channel (or 
 run time (ONNX DynamicQuantizeLinear). In the graph a weight becomes an int8 buffer read through
 ``quantized_decomposed.dequantize_per_channel`` and an activation a ``quantize_per_tensor`` /
 ``dequantize_per_tensor`` pair; the exporter writes them as DequantizeLinear / QuantizeLinear.
+
+4-bit, in groups of G consecutive elements of a row (G a power of two >= 16), codes two per byte
+(element 2i in the low nibble):
+    linear weights, symmetric:        w_hat = s_g (u - 8),   u = q + 8 in [1, 15]
+        -> com.microsoft MatMulNBits (bits=4, block_size=G, accuracy_level 0: float math on the
+           decoded weights), which onnxruntime runs from the packed storage;
+    embedding tables, asymmetric:     w_hat = s_g u + m_g,   s_g = (max_g - min_g) / 15, m_g = min_g,
+        s_g and m_g stored in float16; only the gathered rows are decoded (standard ONNX ops).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from regc.plugins import register_onnx_translation
 qd = torch.ops.quantized_decomposed
 
 __all__ = ["quantize_weight", "act_qparams", "fake_quant_static", "dynamic_fake_quant", "weight_node",
-           "static_qdq_node", "dynamic_qdq_node", "free_name", "pack_int4", "unpack_int4"]
+           "static_qdq_node", "dynamic_qdq_node", "free_name", "pack_int4", "unpack_int4",
+           "quantize_groups", "quantize_groups_asym", "pack_rows", "unpack_rows", "matmul_nbits",
+           "gather_int4"]
 
 
 def quantize_weight(w: torch.Tensor, bits: int, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +170,98 @@ def _unpack_int4_onnx(packed, scale, shape):
 register_onnx_translation(torch.ops.regc.unpack_int4.default, _unpack_int4_onnx, (_int4_function(),))
 
 
+def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric codes (int8, shape of ``w`` [N, K]) and float32 scales [N, K / group] per group of a row."""
+    qmax = 2 ** (bits - 1) - 1
+    g = w.detach().float().reshape(w.shape[0], -1, group)
+    amax = g.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    codes = torch.clamp(torch.round(g / scale[..., None]), -qmax, qmax).to(torch.int8)
+    return codes.reshape(w.shape), scale
+
+
+def quantize_groups_asym(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes (uint8 in [0, 15], shape of ``w``), float16 scales and minima per group."""
+    g = w.detach().float().reshape(w.shape[0], -1, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).half()
+    zero = lo.half()
+    codes = torch.clamp(torch.round((g - zero.float()[..., None]) / scale.float()[..., None]), 0, 15)
+    return codes.to(torch.uint8).reshape(w.shape), scale, zero
+
+
+def pack_rows(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes [..., 2m] -> bytes [..., m] (element 2i in the low nibble)."""
+    u = u.to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_rows(p: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., m] -> unsigned 4-bit codes [..., 2m] (uint8)."""
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(*p.shape[:-1], -1)
+
+
+@torch.library.custom_op("regc::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int, n: int, group: int
+                 ) -> torch.Tensor:
+    """``x @ W^T`` with W [n, k] = s_g (u - 8), packed [n, k / group, group / 2], scale [n * k / group]."""
+    u = unpack_rows(packed).float() - 8
+    w = (u * scale.reshape(n, k // group, 1)).reshape(n, k)
+    return x.matmul(w.t())
+
+
+@matmul_nbits.register_fake
+def _(x, packed, scale, k, n, group):
+    return x.new_empty([*x.shape[:-1], n])
+
+
+_MATMUL_NBITS = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", OpSchema(
+    "MatMulNBits", "com.microsoft", 1,
+    inputs=[OpSchema.FormalParameter("A", "tensor(float)"), OpSchema.FormalParameter("B", "tensor(uint8)"),
+            OpSchema.FormalParameter("scales", "tensor(float)")],
+    outputs=[OpSchema.FormalParameter("Y", "tensor(float)")],
+    attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in ("K", "N", "bits", "block_size",
+                                                                            "accuracy_level")]))
+
+
+def _matmul_nbits_onnx(x, packed, scale, k, n, group):
+    return _MATMUL_NBITS(x, packed, scale, K=k, N=n, bits=4, block_size=group, accuracy_level=0)
+
+
+register_onnx_translation(torch.ops.regc.matmul_nbits.default, _matmul_nbits_onnx)
+
+
+@torch.library.custom_op("regc::gather_int4", mutates_args=())
+def gather_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor,
+                group: int) -> torch.Tensor:
+    """Rows ``ids`` of the table s_g u + m_g: packed [V, D / 2], scale and zero [V, D / group] (float16)."""
+    u = unpack_rows(packed[ids]).float()
+    u = u.reshape(*ids.shape, -1, group)
+    return (u * scale[ids].float()[..., None] + zero[ids].float()[..., None]).reshape(*ids.shape, -1)
+
+
+@gather_int4.register_fake
+def _(packed, scale, zero, ids, group):
+    return packed.new_empty([*ids.shape, packed.shape[1] * 2], dtype=torch.float32)
+
+
+def _gather_int4_onnx(packed, scale, zero, ids, group):
+    rows = op.Gather(packed, ids, axis=0)
+    lo = op.BitwiseAnd(rows, op.Constant(value=helper.make_tensor("f", TensorProto.UINT8, [], [15])))
+    hi = op.BitShift(rows, op.Constant(value=helper.make_tensor("s", TensorProto.UINT8, [], [4])),
+                     direction="RIGHT")
+    last = op.Constant(value_ints=[-1])
+    codes = op.Cast(op.Concat(op.Unsqueeze(lo, last), op.Unsqueeze(hi, last), axis=-1), to=TensorProto.FLOAT)
+    ids_shape = op.Shape(ids)
+    u = op.Reshape(codes, op.Concat(ids_shape, op.Constant(value_ints=[-1, group]), axis=0))
+    s = op.Unsqueeze(op.Cast(op.Gather(scale, ids, axis=0), to=TensorProto.FLOAT), last)
+    m = op.Unsqueeze(op.Cast(op.Gather(zero, ids, axis=0), to=TensorProto.FLOAT), last)
+    return op.Reshape(op.Add(op.Mul(u, s), m), op.Concat(ids_shape, last, axis=0))
+
+
+register_onnx_translation(torch.ops.regc.gather_int4.default, _gather_int4_onnx)
+
+
 def free_name(model: Model, base: str) -> str:
     taken = set(model.gm.state_dict()) | {n for n, _ in model.gm.named_modules()}
     cand, i = base.replace(".", "_"), 0
@@ -170,9 +272,9 @@ def free_name(model: Model, base: str) -> str:
 
 
 def weight_node(model: Model, before: fx.Node, user: str, codes: torch.Tensor, scale: torch.Tensor,
-                axis: int | None, packed: bool = False) -> fx.Node:
-    """Store int8 ``codes`` and ``scale`` as buffers and return a dequantize node reading them
-    (``packed``: 4-bit codes two per byte, unpacked by ``regc::unpack_int4``)."""
+                axis: int | None, packed: bool = False, dtype: torch.dtype = torch.int8) -> fx.Node:
+    """Store ``codes`` (int8, or int32 for a bias) and ``scale`` as buffers and return a dequantize node
+    reading them (``packed``: 4-bit codes two per byte, unpacked by ``regc::unpack_int4``)."""
     g = model.gm.graph
     if packed:
         names = [free_name(model, f"{user}_{k}") for k in ("q4", "scale")]
@@ -194,10 +296,10 @@ def weight_node(model: Model, before: fx.Node, user: str, codes: torch.Tensor, s
         model.param_names[names[kind]] = f"{user}:{kind}"
     with g.inserting_before(before):
         q, s, z = (g.get_attr(names[k]) for k in ("q", "scale", "zp"))
-        qmax = 127
+        qmin, qmax = torch.iinfo(dtype).min, torch.iinfo(dtype).max
         if axis is None:
-            return g.call_function(qd.dequantize_per_tensor.tensor, (q, s, z, -qmax, qmax, torch.int8))
-        return g.call_function(qd.dequantize_per_channel.default, (q, s, z, axis, -qmax, qmax, torch.int8))
+            return g.call_function(qd.dequantize_per_tensor.tensor, (q, s, z, qmin, qmax, dtype))
+        return g.call_function(qd.dequantize_per_channel.default, (q, s, z, axis, qmin, qmax, dtype))
 
 
 def static_qdq_node(model: Model, before: fx.Node, x: fx.Node, scale: float, zp: int) -> fx.Node:

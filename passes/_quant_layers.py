@@ -6,10 +6,20 @@ quantized (weights replaced by their dequantized codes, inputs fake-quantized wi
 rewritten graph uses), which is how sensitivity and fallback are measured without rewriting.
 ``rewrite`` turns a layer into the form onnxruntime fuses into int8 kernels:
     linear:    MatMul(DQ(Q(x)), DQ(W_int8^T, per column)) + b      -> MatMulIntegerToFloat
-    conv:      Conv(DQ(Q(x)), DQ(W_int8, per out channel), b)     -> QLinearConv
+    rank 2:    Gemm(DQ(Q(x)), DQ(W_int8^T), DQ(b_int32))           -> QGemm   (static activations)
+    conv:      Q(relu(Conv(DQ(Q(x)), DQ(W_int8, per out channel), b))) -> QLinearConv (+ fused relu)
     embedding: Gather(W_int8, ids) * Gather(scale, ids)            (weight-only; the table stays int8)
-For rank >= 3 inputs the bias is stored as (1, N), which keeps onnxruntime's MatMul+Add->Gemm fusion
-(it runs before the QDQ fusions and would hide the MatMul) from firing.
+    4-bit (weight-only, groups of G along a row, see _qdq):
+    linear:    MatMulNBits(x, W_packed, scales)                    (runs from the packed storage)
+    embedding: decode(Gather(W_packed, ids)) * Gather(s, ids) + Gather(m, ids)
+A conv with a static input range also quantizes its output (after its relu, if that is its only user),
+and a later layer whose input comes from it through range-preserving ops (max pool, relu, reshapes)
+reuses that (scale, zero point), so onnxruntime keeps the whole chain in uint8 (its pools included)
+instead of dequantizing between layers. For rank >= 3 inputs the bias is stored as (1, N), which
+keeps onnxruntime's MatMul+Add->Gemm fusion (it runs before the QDQ fusions and would hide the
+MatMul) from firing. A rank-2 linear with a static
+input range is a Gemm instead, its bias stored as int32 codes b_q = round(b / (s_x s_w)) (error at most
+s_x s_w / 2 per output, simulated too), which is the form onnxruntime fuses into QGemm.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ from regc.passes._qdq import (
     dynamic_qdq_node,
     fake_quant_static,
     free_name,
+    pack_rows,
+    quantize_groups,
+    quantize_groups_asym,
     quantize_weight,
     static_qdq_node,
     weight_node,
@@ -35,7 +48,28 @@ from regc.passes._qdq import (
 
 aten = torch.ops.aten
 
-__all__ = ["QLayer", "find_layers", "simulate", "rewrite"]
+__all__ = ["QLayer", "find_layers", "simulate", "rewrite", "conv_output", "chain_source"]
+
+_RANGE_KEEPING = {aten.max_pool2d.default, aten.max_pool1d.default, aten.relu.default, aten.view.default,
+                  aten.reshape.default, aten.flatten.using_ints, aten._unsafe_view.default,
+                  aten.permute.default, aten.transpose.int, aten.squeeze.dim, aten.unsqueeze.default}
+
+
+def conv_output(layer: QLayer) -> fx.Node:
+    """The node whose output a conv quantizes: its relu when that is its only user, else the conv."""
+    users = list(layer.node.users)
+    if len(users) == 1 and users[0].target in (aten.relu.default, aten.relu_.default):
+        return users[0]
+    return layer.node
+
+
+def chain_source(x: fx.Node, outs: set[fx.Node]) -> fx.Node | None:
+    """The node of ``outs`` that ``x`` is computed from by range-keeping single-input ops, or None."""
+    while x not in outs:
+        if x.op != "call_function" or x.target not in _RANGE_KEEPING or not isinstance(x.args[0], fx.Node):
+            return None
+        x = x.args[0]
+    return x
 
 
 @dataclasses.dataclass(eq=False)
@@ -52,17 +86,53 @@ class QLayer:
     scale: torch.Tensor | None = None
     reason: str | None = None  # why it stays float (None: quantized)
     packed: bool = False  # 4-bit codes stored two per byte (weight-only layers)
+    bits: int = 8
+    group: int | None = None  # 4-bit group size along a row (None: per channel / per tensor)
+    zero: torch.Tensor | None = None  # group minima of an asymmetric (embedding) table
+    out: fx.Node | None = None  # conv: the node whose output is quantized too (the conv or its relu)
+    out_act: tuple[float, int] | None = None  # its (scale, zero point)
+    bias: str | None = None  # attribute target of a linear's bias
+    bias_index: int | None = None  # its argument index
+    bias_value: torch.Tensor | None = None
 
     @property
     def x(self) -> fx.Node | None:
         return None if self.x_index is None else self.node.args[self.x_index]
 
-    def quantize(self, model: Model, bits: int, per_channel: bool) -> None:
-        self.codes, self.scale = quantize_weight(model.get_tensor(self.weight), bits,
-                                                 self.w_axis if per_channel else None)
+    def quantize(self, model: Model, bits: int, per_channel: bool, group: int | None = None) -> None:
+        """Codes and scales of the weight; ``group``: 4-bit groups along a row (embedding: asymmetric,
+        linear: symmetric in the [out, in] layout MatMulNBits reads)."""
+        w = model.get_tensor(self.weight)
+        self.bits, self.group = bits, group
+        if group is not None and self.kind == "embedding":
+            self.codes, self.scale, self.zero = quantize_groups_asym(w, group)
+        elif group is not None:
+            self.codes, self.scale = quantize_groups(w if self.w_axis == 0 else w.t(), bits, group)
+        else:
+            self.codes, self.scale = quantize_weight(w, bits, self.w_axis if per_channel else None)
+        if self.bias is not None:
+            self.bias_value = model.get_tensor(self.bias).detach().float()
 
     def w_hat(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.w_axis if self.scale.dim() else None)
+        if self.group is None:
+            return dequantize(self.codes, self.scale, self.w_axis if self.scale.dim() else None)
+        u = self.codes.float().reshape(*self.scale.shape, self.group)
+        if self.zero is not None:
+            w = u * self.scale.float()[..., None] + self.zero.float()[..., None]
+            return w.reshape(self.codes.shape)
+        w = (u * self.scale[..., None]).reshape(self.codes.shape)
+        return w if self.w_axis == 0 else w.t()
+
+    def int32_bias(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int32 codes, scale s_x s_w) of a rank-2 linear's bias with a static input range, else None."""
+        val = self.x.meta.get("val") if self.x is not None else None
+        if self.kind != "linear" or self.bias is None or not isinstance(self.act, tuple) or val is None \
+                or val.dim() != 2:
+            return None
+        scale = self.act[0] * self.scale
+        b = self.bias_value
+        lim = 2 ** 31 - 256
+        return torch.clamp(torch.round(b / scale), -lim, lim).to(torch.int32), scale
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "dynamic":
@@ -78,8 +148,10 @@ def find_layers(model: Model) -> tuple[list[QLayer], dict[str, str]]:
         lv, cv = linear_view(n, gm), conv_view(n, gm)
         if lv is not None:
             w_index = 1 if n.target is not aten.addmm.default else 2
+            b_index = None if lv.bias is None else 2 if w_index == 1 else 0  # linear(x, w, b), addmm(b, x, w)
             layers.append(QLayer(n, "linear", model.user_name(lv.weight), lv.weight,
-                                 0 if lv.layout == "out_in" else 1, w_index, w_index - 1))
+                                 0 if lv.layout == "out_in" else 1, w_index, w_index - 1,
+                                 bias=lv.bias, bias_index=b_index))
         elif cv is not None:
             if cv.transposed or n.target is aten.convolution.default:
                 skipped[model.user_name(cv.weight)] = f"{n.target}: transposed/generic conv not quantized"
@@ -96,14 +168,26 @@ class _Sim(fx.Interpreter):
         super().__init__(gm)
         self.active = active
         self.w_hat = {n: layer.w_hat() for n, layer in active.items()}
+        self.out_fq = {layer.out: layer.out_act for layer in active.values() if layer.out_act is not None}
+        self.b_hat = {}
+        for n, layer in active.items():
+            qb = layer.int32_bias()
+            if qb is not None:
+                self.b_hat[n] = qb[0].float() * qb[1]
 
     def run_node(self, n: fx.Node):
+        out = self._run(n)
+        return fake_quant_static(out, *self.out_fq[n]) if n in self.out_fq else out
+
+    def _run(self, n: fx.Node):
         layer = self.active.get(n)
         if layer is None:
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         args = list(args)
         args[layer.w_index] = self.w_hat[n]
+        if n in self.b_hat:
+            args[layer.bias_index] = self.b_hat[n]
         if layer.x_index is not None:
             args[layer.x_index] = layer.fake_quant(args[layer.x_index])
         return n.target(*args, **kwargs)
@@ -140,20 +224,60 @@ def rewrite(model: Model, layers: list[QLayer]) -> None:
             axis = 0 if layer.scale.dim() else None
             args[1] = weight_node(model, n, layer.name, layer.codes, layer.scale, axis, layer.packed)
             n.args = tuple(args)
+            if layer.out_act is not None:
+                dq = _quantize_output(model, layer.out, *layer.out_act)
+                qdq[(dq, layer.out_act)] = dq  # a consumer reading it directly needs no second pair
         else:
             _rewrite_linear(model, layer, x)
     model.recompile()
 
 
+def _quantize_output(model: Model, out: fx.Node, scale: float, zp: int) -> fx.Node:
+    """Insert Q/DQ after ``out`` for all its users; return the DQ node."""
+    users = list(out.users)
+    nxt = out.next
+    dq = static_qdq_node(model, nxt, out, scale, zp)
+    for u in users:
+        u.replace_input_with(out, dq)
+    return dq
+
+
+def _store(model: Model, layer: QLayer, tensors: dict[str, torch.Tensor]) -> dict[str, fx.Node]:
+    """Buffers ``{kind: tensor}`` named after the layer, read by get_attr nodes before it."""
+    nodes = {}
+    for kind, t in tensors.items():
+        name = free_name(model, f"{layer.name}_{kind}")
+        model.set_tensor(name, t, trainable=False)
+        model.param_names[name] = f"{layer.name}:{kind}"
+        with model.gm.graph.inserting_before(layer.node):
+            nodes[kind] = model.gm.graph.get_attr(name)
+    return nodes
+
+
 def _rewrite_linear(model: Model, layer: QLayer, x: fx.Node) -> None:
     n, g = layer.node, model.gm.graph
-    codes = layer.codes.t().contiguous() if layer.w_axis == 0 else layer.codes
-    dq = weight_node(model, n, layer.name, codes, layer.scale, 1 if layer.scale.dim() else None, layer.packed)
-    bias = n.args[0] if n.target is aten.addmm.default else (n.args[2] if n.target is aten.linear.default
-                                                                and len(n.args) > 2 else None)
-    with g.inserting_before(n):
-        y = g.call_function(aten.matmul.default, (x, dq))
-        if bias is not None:
+    bias = None if layer.bias_index is None else n.args[layer.bias_index]
+    int32_bias = layer.int32_bias()
+    if layer.group is not None:
+        out_ch, k = layer.codes.shape
+        u = (layer.codes.to(torch.int16) + 8).reshape(out_ch, k // layer.group, layer.group)
+        t = _store(model, layer, {"q4": pack_rows(u), "scale": layer.scale.reshape(-1)})
+        with g.inserting_before(n):
+            y = g.call_function(torch.ops.regc.matmul_nbits.default,
+                                (x, t["q4"], t["scale"], k, out_ch, layer.group))
+    else:
+        codes = layer.codes.t().contiguous() if layer.w_axis == 0 else layer.codes
+        dq = weight_node(model, n, layer.name, codes, layer.scale, 1 if layer.scale.dim() else None,
+                         layer.packed)
+        with g.inserting_before(n):
+            if int32_bias is not None:
+                bdq = weight_node(model, n, model.user_name(layer.bias), *int32_bias,
+                                  0 if int32_bias[1].dim() else None, dtype=torch.int32)
+                y = g.call_function(aten.addmm.default, (bdq, x, dq))
+            else:
+                y = g.call_function(aten.matmul.default, (x, dq))
+    if bias is not None and int32_bias is None:
+        with g.inserting_before(n):
             y = g.call_function(aten.add.Tensor, (y, _row_bias(model, n, bias)))
     y.meta = dict(n.meta)
     n.replace_all_uses_with(y)
@@ -170,13 +294,22 @@ def _row_bias(model: Model, n: fx.Node, bias: fx.Node) -> fx.Node:
 
 def _rewrite_embedding(model: Model, layer: QLayer) -> None:
     n, g = layer.node, model.gm.graph
+    ids = n.args[1]
+    if layer.group is not None:
+        t = _store(model, layer, {"q4": pack_rows(layer.codes), "scale": layer.scale, "zero": layer.zero})
+        with g.inserting_before(n):
+            y = g.call_function(torch.ops.regc.gather_int4.default,
+                                (t["q4"], t["scale"], t["zero"], ids, layer.group))
+        y.meta = dict(n.meta)
+        n.replace_all_uses_with(y)
+        g.erase_node(n)
+        return
     per_row = layer.scale.dim() > 0
     names = {}
     for kind, t in (("q", layer.codes), ("scale", layer.scale.reshape(-1, 1) if per_row else layer.scale)):
         names[kind] = free_name(model, f"{layer.name}_{kind}")
         model.set_tensor(names[kind], t, trainable=False)
         model.param_names[names[kind]] = f"{layer.name}:{kind}"
-    ids = n.args[1]
     with g.inserting_before(n):
         rows = g.call_function(aten.embedding.default, (g.get_attr(names["q"]), ids))
         rows = g.call_function(aten._to_copy.default, (rows,), {"dtype": torch.float32})

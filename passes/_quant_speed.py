@@ -1,9 +1,14 @@
 """Does int8 pay off for this layer on this CPU? Time it in onnxruntime, alone, both ways.
 
 Each conv/linear layer is built as a one-op ONNX graph with its real shapes, once in float and once
-in the QDQ form the rewrite emits (a conv also gets the Q/DQ of its output, which QLinearConv needs),
-and timed on one thread (best of 9 interleaved repeats). Equal shapes share one measurement. Small
-layers often lose: quantizing the input and dequantizing the output costs more than the int8 arithmetic saves.
+in the QDQ form the rewrite emits (a conv also gets the Q/DQ of its output, which QLinearConv needs;
+a rank-2 linear with a static input range is the Gemm with an int32 bias that becomes QGemm), at the
+captured shapes or with the batch dim set to ``batch`` when it is dynamic, and timed on one thread
+(best of 9 interleaved repeats). Equal shapes share one measurement. A layer fed by a max pool is
+timed with that pool in front: onnxruntime moves the input's Q above the pool, so the int8 form pools
+in uint8 (on x86 its NCHW uint8 pool is many times slower than the float one, which can cost more than
+the int8 conv saves). Small layers often lose: quantizing the input and dequantizing the output costs
+more than the int8 arithmetic saves.
 """
 
 from __future__ import annotations
@@ -13,29 +18,58 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from regc.passes._quant_layers import QLayer
+
+aten = torch.ops.aten
 
 __all__ = ["time_layer", "cpu_has_vnni"]
 
 _CACHE: dict[tuple, tuple[float, float]] = {}
 
 
-def time_layer(layer: QLayer) -> tuple[float, float] | None:
-    """(float ms, int8 ms) for ``layer`` in onnxruntime, or None when its shapes are unknown."""
+def time_layer(layer: QLayer, batch: int | None = None) -> tuple[float, float] | None:
+    """(float ms, int8 ms) for ``layer`` in onnxruntime (leading dim set to ``batch`` if given), or None
+    when its shapes are unknown."""
     x_val = layer.x.meta.get("val") if layer.x is not None else None
-    if x_val is None or layer.kind == "embedding" or not all(isinstance(d, int) for d in x_val.shape):
+    if x_val is None or layer.kind == "embedding":
         return None
+    pool = _pool(layer.x)
+    if pool is not None:
+        x_val = layer.x.args[0].meta.get("val")
     x_shape = list(x_val.shape)
+    if batch is not None:
+        x_shape[0] = batch
+    if not all(isinstance(d, int) for d in x_shape):
+        return None
     attrs = _conv_attrs(layer) if layer.kind == "conv" else {}
     if attrs is None:
         return None
     key = (layer.kind, tuple(x_shape), tuple(layer.codes.shape), layer.act == "dynamic",
-           tuple(sorted(attrs.items())))
+           tuple(sorted(attrs.items())), tuple(sorted((pool or {}).items())))
     if key not in _CACHE:
-        _CACHE[key] = _time([_graph(layer, x_shape, attrs, q) for q in (False, True)], x_shape)
+        _CACHE[key] = _time([_graph(layer, x_shape, attrs, q, pool) for q in (False, True)], x_shape)
     return _CACHE[key]
+
+
+def _pool(x) -> dict | None:
+    """ONNX MaxPool attributes when ``x`` is a 2-d max pool whose input shape is known, else None."""
+    if x.op != "call_function" or x.target is not aten.max_pool2d.default or \
+            x.args[0].meta.get("val") is None:
+        return None
+    a = list(x.args) + [None] * 6
+
+    def pair(v, default):
+        v = v if isinstance(v, (list, tuple)) and v else [default] * 2
+        return tuple(int(i) for i in (v * 2 if len(v) == 1 else v))
+
+    kernel = pair(a[1], 1)
+    stride = pair(a[2], 1) if a[2] else kernel
+    pads = pair(a[3], 0)
+    return {"kernel_shape": kernel, "strides": stride, "pads": pads + pads, "dilations": pair(a[4], 1),
+            "ceil_mode": int(bool(a[5]))}
 
 
 def cpu_has_vnni() -> bool:
@@ -67,9 +101,13 @@ def _conv_attrs(layer: QLayer) -> dict | None:
             "group": int(a[6] or 1)}
 
 
-def _graph(layer: QLayer, x_shape: list[int], attrs: dict, quantized: bool) -> onnx.ModelProto:
+def _graph(layer: QLayer, x_shape: list[int], attrs: dict, quantized: bool, pool: dict | None = None
+           ) -> onnx.ModelProto:
     codes = layer.codes.numpy()
     nodes, inits = [], []
+    if pool is not None:
+        nodes.append(helper.make_node("MaxPool", ["x0"], ["x"], **{k: list(v) if isinstance(v, tuple) else v
+                                                                  for k, v in pool.items()}))
     w_shape = codes.T.shape if layer.kind == "linear" and layer.w_axis == 0 else codes.shape
     out_ch = w_shape[1] if layer.kind == "linear" else w_shape[0]
     inits.append(numpy_helper.from_array(np.full(w_shape, 0.01, np.float32) if not quantized
@@ -92,7 +130,13 @@ def _graph(layer: QLayer, x_shape: list[int], attrs: dict, quantized: bool) -> o
     else:
         w = "w"
     rank3 = len(x_shape) >= 3
-    if layer.kind == "linear":
+    if layer.kind == "linear" and quantized and not rank3 and layer.act != "dynamic":
+        inits += [numpy_helper.from_array(np.zeros(out_ch, np.int32), "bq"),
+                  numpy_helper.from_array(np.full(out_ch, 2e-4, np.float32), "bs"),
+                  numpy_helper.from_array(np.zeros(out_ch, np.int32), "bz")]
+        nodes += [helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["b"], axis=0),
+                  helper.make_node("Gemm", [x, w, "b"], ["y"])]
+    elif layer.kind == "linear":
         inits.append(numpy_helper.from_array(np.zeros((1, out_ch) if rank3 else (out_ch,), np.float32), "b"))
         nodes += [helper.make_node("MatMul", [x, w], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
     else:
@@ -102,7 +146,7 @@ def _graph(layer: QLayer, x_shape: list[int], attrs: dict, quantized: bool) -> o
         if quantized:
             nodes += [helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]),
                       helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["y"])]
-    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    x_info = helper.make_tensor_value_info("x0" if pool is not None else "x", TensorProto.FLOAT, x_shape)
     graph = helper.make_graph(nodes, "layer", [x_info],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -115,7 +159,8 @@ def _time(models: list[onnx.ModelProto], x_shape: list[int]) -> tuple[float, ...
     so.log_severity_level = 3
     sessions = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
                 for m in models]
-    feed = {"x": np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+    feed = {models[0].graph.input[0].name: x}
     t0 = time.perf_counter()
     for s in sessions:
         s.run(None, feed)

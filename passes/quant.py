@@ -11,6 +11,9 @@ becomes QLinearConv. Every layer is then measured: its output SQNR with only tha
 (the sensitivity table in the stats), optionally its float/int8 time in onnxruntime (layers where int8
 is slower stay float), and ``max_accuracy_drop`` keeps the most sensitive layers in float until the
 model-level drop on the calibration data (accuracy with labels, 1 - mean output cosine without) fits.
+4-bit storage (groups of G along a row, two codes per byte, see _qdq): weight-only linears run as
+onnxruntime's MatMulNBits, embedding tables (asymmetric, w_hat = s_g u + m_g) decode only gathered rows.
+A rank-2 linear with a static input range gets an int32 bias so onnxruntime runs it as QGemm.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from regc.errors import ConfigError
 from regc.ir import Model
 from regc.passes._qdq import act_qparams
 from regc.passes._quant_calib import calib_batches, choose_range, observe
-from regc.passes._quant_layers import QLayer, find_layers, rewrite, simulate
+from regc.passes._quant_layers import QLayer, chain_source, conv_output, find_layers, rewrite, simulate
 from regc.passes._quant_smooth import smooth, smooth_candidates
 from regc.passes._quant_speed import cpu_has_vnni, time_layer
 from regc.registry import PassContext, PassResult, Phase, check_choice, check_range, register_pass
@@ -33,15 +36,23 @@ from regc.verify import refresh_meta
 
 __all__ = ["QuantConfig", "quant", "output_drop"]
 
+_VOCAB_ROWS = 4096  # embedding_bits=4 applies to tables with at least this many rows
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """Options for `quant`.
 
     Attributes:
-        bits: weight bit width in [2, 8] of conv/linear layers (embedding tables always 8); activations
-            are always 8-bit. Codes are stored in int8, or packed two per byte when bits <= 4 and
-            acts=none (then decoded by the graph, so onnxruntime runs it from 4-bit storage).
+        bits: weight bit width in [2, 8] of conv/linear layers; activations are always 8-bit. Codes
+            are stored in int8, or packed two per byte when bits <= 4 and acts=none: a linear whose
+            input size is a multiple of group_size then has one scale per group and runs as
+            MatMulNBits, other layers keep per-channel scales and are decoded by the graph.
+        embedding_bits: 8 (symmetric, one scale per row) or 4 (asymmetric per group of group_size,
+            float16 scale and minimum, packed) for vocabulary tables (>= 4096 rows: nearly all the
+            bytes, one row per token); small tables (positions, token types, added to every token)
+            and tables whose width is not a multiple of group_size stay 8-bit.
+        group_size: 4-bit group length along a row, a power of two >= 16.
         weights: per_channel (one scale per output channel, the safe default) or per_tensor.
         acts: static (calibrated ranges, needs data), dynamic (range of each tensor at run time) or
             none (weight-only).
@@ -52,17 +63,21 @@ class QuantConfig:
         embeddings: also quantize embedding (Gather) tables, weight-only with one scale per row.
         calib_samples: calibration samples for activation ranges and the fallback check, >= 1.
         sweep_samples: samples for the per-layer sensitivity sweep (one model run per layer), >= 1.
-        max_accuracy_drop: keep the most sensitive layers in float until the drop on the calibration
-            data is at most this (accuracy points as a fraction with labels, else 1 - mean output
+        max_accuracy_drop: keep the most sensitive conv/linear layers in float until the drop on the
+            calibration data is at most this (accuracy points as a fraction with labels, else 1 - mean output
             cosine), in [0, 1]; none = no fallback.
         speed_check: time each conv/linear alone in onnxruntime, float vs int8, and keep it float
             where int8 is slower.
+        speed_batch: batch size the speed check times at when the batch dim is dynamic (0: the
+            example inputs' batch).
         reduce_range: keep 8-bit weight codes in [-63, 63] so that x86 CPUs without VNNI (whose
             uint8 x int8 kernels add pairs of products in saturating int16) stay exact: on, off, or
             auto (on unless this CPU has VNNI/AMX).
     """
 
     bits: int = 8
+    embedding_bits: int = 8
+    group_size: int = 32
     weights: Literal["per_channel", "per_tensor"] = "per_channel"
     acts: Literal["static", "dynamic", "none"] = "static"
     calib: Literal["minmax", "percentile", "mse"] = "mse"
@@ -73,12 +88,18 @@ class QuantConfig:
     sweep_samples: int = 8
     max_accuracy_drop: float | None = None
     speed_check: bool = True
+    speed_batch: int = 0
     reduce_range: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
         check_range("quant", "bits", self.bits, 2, 8)
         if not isinstance(self.bits, int):
             raise ConfigError(f"quant.bits must be an integer in [2, 8], got {self.bits!r}")
+        check_choice("quant", "embedding_bits", self.embedding_bits, (4, 8))
+        if self.group_size < 16 or self.group_size & (self.group_size - 1):
+            raise ConfigError(f"quant.group_size must be a power of two >= 16 (onnxruntime's MatMulNBits "
+                              f"block sizes), got {self.group_size!r}")
+        check_range("quant", "speed_batch", self.speed_batch, 0, math.inf)
         check_choice("quant", "weights", self.weights, ("per_channel", "per_tensor"))
         check_choice("quant", "acts", self.acts, ("static", "dynamic", "none"))
         check_choice("quant", "calib", self.calib, ("minmax", "percentile", "mse"))
@@ -105,7 +126,7 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
     if not layers:
         return PassResult(model, False, {"layers": {}, "unsupported": skipped})
     bytes_before = model.weight_bytes()
-    static_batch = 0 not in model._dynamic_dims(model.input_names[0])
+    static_batch = 0 not in model.dynamic_dims(model.input_names[0])
     batches, labels = _batches(model, ctx, config, static_batch)
     smoothed = 0
     if config.smooth > 0 and config.acts != "none":
@@ -114,12 +135,22 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
             smoothed = smooth(model, groups, observe(model.gm, groups, batches, ctx.seed), config.smooth)
     reduce = config.reduce_range == "on" or (config.reduce_range == "auto" and not cpu_has_vnni())
     wbits = min(config.bits, 7) if reduce else config.bits
+    per_channel = config.weights == "per_channel"
     for q in layers:
-        q.quantize(model, 8 if q.kind == "embedding" else wbits, config.weights == "per_channel")
-        q.packed = config.bits <= 4 and config.acts == "none" and q.kind != "embedding"
+        shape = model.get_tensor(q.weight).shape
+        fits = shape[1 if q.kind == "embedding" or q.w_axis == 0 else 0] % config.group_size == 0
+        if q.kind == "embedding":
+            four = config.embedding_bits == 4 and fits and shape[0] >= _VOCAB_ROWS
+            q.quantize(model, 4 if four else 8, per_channel, config.group_size if four else None)
+            q.packed = four
+        else:
+            q.packed = config.bits <= 4 and config.acts == "none"
+            grouped = q.packed and q.kind == "linear" and fits
+            q.quantize(model, wbits, per_channel, config.group_size if grouped else None)
     _choose_acts(model, layers, batches, config, ctx.seed)
     if config.speed_check:
-        timings = {q.name: time_layer(q) for q in layers if q.act is not None}
+        batch = config.speed_batch if config.speed_batch and not static_batch else None
+        timings = {q.name: time_layer(q, batch) for q in layers if q.act is not None}
         for q in layers:
             t = timings.get(q.name)
             if t is not None and t[1] >= t[0]:
@@ -133,7 +164,7 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
     active = [q for q in layers if q.reason is None]
     drop = output_drop(ref, simulate(model, active, batches), labels)
     if config.max_accuracy_drop is not None:
-        for q in sorted(active, key=lambda q: sqnr[q.name]):
+        for q in sorted((a for a in active if a.kind != "embedding"), key=lambda q: sqnr[q.name]):
             if drop["drop"] <= config.max_accuracy_drop:
                 break
             q.reason = f"kept float for max_accuracy_drop={config.max_accuracy_drop} (sensitive)"
@@ -185,14 +216,26 @@ def _head(batches: list[tuple], n: int, static: bool) -> list[tuple]:
 
 
 def _choose_acts(model: Model, layers: list[QLayer], batches, config: QuantConfig, seed: int) -> None:
+    """Activation quantizers; static convs also quantize their output, and a layer fed by one through
+    range-keeping ops reuses that quantizer (one uint8 chain in onnxruntime)."""
     if config.acts == "none":
         return
     static = [q for q in layers if q.x is not None and (config.acts == "static" or q.kind == "conv")]
-    stats = observe(model.gm, {q.x for q in static}, batches, seed)
+    convs = [q for q in static if q.kind == "conv"]
+    for q in convs:
+        q.out = conv_output(q)
+    stats = observe(model.gm, {q.x for q in static} | {q.out for q in convs}, batches, seed)
+    for q in convs:
+        if q.out in stats:
+            q.out_act = act_qparams(*choose_range(stats[q.out], config.calib, config.percentile))
+    outs = {q.out: q.out_act for q in convs if q.out_act is not None}
     for q in layers:
         if q.x is None:
             continue
-        if q in static and q.x in stats:
+        src = chain_source(q.x, set(outs)) if q in static else None
+        if src is not None:
+            q.act = outs[src]
+        elif q in static and q.x in stats:
             q.act = act_qparams(*choose_range(stats[q.x], config.calib, config.percentile))
         elif config.acts == "dynamic":
             q.act = "dynamic"
@@ -214,8 +257,11 @@ def _layer_stats(q: QLayer, config: QuantConfig, sqnr: float, timing) -> dict:
         act = f"static uint8 per-tensor (scale {q.act[0]:.4g}, zero point {q.act[1]})"
     else:
         act = "float"
-    gran = config.weights if q.kind != "embedding" or config.weights == "per_tensor" else "per_row"
-    bits = 8 if q.kind == "embedding" else config.bits
+    if q.group is not None:
+        gran = f"group{q.group}_" + ("asymmetric" if q.zero is not None else "symmetric")
+    else:
+        gran = config.weights if q.kind != "embedding" or config.weights == "per_tensor" else "per_row"
+    bits = q.bits if q.kind == "embedding" else config.bits
     out = {"op": q.kind, "format": "float" if q.reason else f"int{bits}" + ("_packed" if q.packed else ""),
            "bits": 32 if q.reason else bits, "granularity": gran, "activation": act,
            "sensitivity_sqnr_db": sqnr if math.isfinite(sqnr) else None}

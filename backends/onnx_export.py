@@ -2,10 +2,12 @@
 
 Input/output names, dynamic dims and opset come from the model; the result is checked by
 onnxruntime loading it (an artifact that does not load is an error, not a file on disk).
+Weights that ``issp`` made sparse are stored packed (non-zeros + bitmask, see `_sparse_pack`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -14,6 +16,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from regc.backends._sparse_pack import pack_sparse_initializers
 from regc.errors import LoweringError
 from regc.ir import Model
 from regc.plugins import onnx_translations
@@ -23,8 +26,12 @@ __all__ = ["export_onnx", "OPSET"]
 OPSET = 18
 
 
-def export_onnx(model: Model, path: str, *, opset: int = OPSET) -> None:
-    """Write ``model`` as one self-contained ONNX file at ``path`` (weights inline, < 2 GB)."""
+def export_onnx(model: Model, path: str, *, opset: int = OPSET) -> dict:
+    """Write ``model`` as one self-contained ONNX file at ``path`` (weights inline, < 2 GB).
+
+    Returns the sparse storage stats (empty when no weight was packed); they are also written to the
+    file's ``metadata_props`` under ``regc.sparse_storage``.
+    """
     path = Path(path)
     table, functions = onnx_translations()
     try:
@@ -46,6 +53,10 @@ def export_onnx(model: Model, path: str, *, opset: int = OPSET) -> None:
         raise LoweringError(f"ONNX export failed: {first}") from e
     proto = prog.model_proto
     _attach_functions(proto, functions)
+    storage = pack_sparse_initializers(proto, model)
+    if storage:
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                            "regc.sparse_storage": json.dumps(storage)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False)
     tmp.close()
@@ -55,6 +66,7 @@ def export_onnx(model: Model, path: str, *, opset: int = OPSET) -> None:
     finally:
         if os.path.exists(tmp.name):
             os.unlink(tmp.name)
+    return storage
 
 
 def _attach_functions(proto: onnx.ModelProto, functions: dict) -> None:

@@ -15,9 +15,7 @@ import argparse
 import importlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,28 +78,12 @@ def load_model_spec(spec: str):
     return regc.load(spec)
 
 
-def _prepare_out(out: Path) -> Path:
-    if out.exists() and not (out / "report.json").is_file():
-        raise ConfigError(f"{out} exists and is not a regc output folder; choose another -o or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _commit_out(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def cmd_compile(args) -> int:
     import torch
 
     import regc
     from regc.data import load_npz
+    from regc.files import atomic_dir
     from regc.plugins import require, target
     from regc.registry import PassContext
     from regc.report import (
@@ -123,8 +105,7 @@ def cmd_compile(args) -> int:
     out = Path(args.output)
     steps = 5 + bool(args.target)
     prog = _Progress(steps, args.quiet)
-    tmp = _prepare_out(out)
-    try:
+    with atomic_dir(out, "report.json", "regc output folder") as tmp:
         with prog.step(f"loading {args.model}"):
             model = load_model_spec(args.model)
         data = load_npz(args.data, model.input_names) if args.data else None
@@ -162,10 +143,6 @@ def cmd_compile(args) -> int:
         with prog.step("writing report"):
             write_report(report, tmp / "report.json")
             write_html(report, tmp / "report.html")
-        _commit_out(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for line in summary_lines(report, str(out)):
         print(line)
     return 0

@@ -25,8 +25,9 @@ import zipfile
 from pathlib import Path
 
 from regc.errors import LoweringError
+from regc.files import sha256_file
 
-__all__ = ["ARCHES", "Arch", "NativeParts", "cache_dir", "fetch_wheels", "native_parts", "sha256_file"]
+__all__ = ["ARCHES", "Arch", "NativeParts", "cache_dir", "fetch_wheels", "native_parts"]
 
 RUNNER_SOURCE = Path(__file__).with_name("regc_run.cc")
 LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
@@ -177,12 +178,3 @@ def _build_runner(a: Arch, cxx: str, include: Path, libs: tuple[Path, ...], cach
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

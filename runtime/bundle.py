@@ -34,8 +34,9 @@ import numpy as np
 
 from regc.backends.tvm_backend import META_FILE, PARAMS_FILE, SO_FILE, ArtifactMeta, TensorSpec, TvmArtifact
 from regc.errors import ConfigError, LoweringError, ModelFormatError
+from regc.files import atomic_dir, sha256_file
 from regc.plugins import Command
-from regc.runtime._bundle_native import ARCHES, native_parts, sha256_file
+from regc.runtime._bundle_native import ARCHES, native_parts
 from regc.runtime.artifact import Runner, open_artifact, run_npz
 
 __all__ = [
@@ -70,13 +71,8 @@ def export_bundle(
     if target not in ARCHES:
         raise ConfigError(f"bundle target '{target}' is not supported; choose one of {', '.join(ARCHES)}")
     out = Path(out)
-    if out.exists() and not (out / MANIFEST_FILE).is_file():
-        raise ConfigError(f"{out} exists and is not a regc bundle; choose another -o or remove it")
     parts = native_parts(target, cache)  # before lowering: a missing compiler fails fast
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        stage.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+    with atomic_dir(out, MANIFEST_FILE, "regc bundle") as stage:
         meta = _place_model(source, target, stage)
         shutil.copy2(parts.runner, stage / RUNNER_FILE)
         (stage / "lib").mkdir()
@@ -98,16 +94,6 @@ def export_bundle(
             "files": {f: sha256_file(stage / f) for f in files},
         }
         (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            stage.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            stage.rename(out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,13 +1,26 @@
 """Lower a ``regc.Model`` with TVM Relax and save it as a folder that ``regc.runtime`` opens.
 
-    torch.export (training IR) -> run_decompositions -> TVM's torch frontend, every weight a function
-    input -> detach_params -> relax.build for a named preset -> TvmArtifact.save(folder)
+    torch.export (training IR) -> run_decompositions (quantize/dequantize ops become integer
+    arithmetic) -> TVM's torch frontend, every weight a function input -> detach_params ->
+    relax.build for a named preset (optionally with a MetaSchedule database) -> TvmArtifact.save(folder)
 
 The folder holds ``model.so`` (kernels + Relax VM bytecode, no weights), ``model.params`` (weights in
 TVM's tensor-list format, keyed by parameter name) and ``meta.json`` (inputs, outputs, parameter
-order, target, versions, sha256 of ``model.so``). Buffers and tensor constants (BatchNorm statistics,
-packed weights a pass stored as buffers) are lifted to parameters first, so no weight is baked into
-the code and one ``.so`` serves many weight sets. Builds are untuned (see ARCHITECTURE.md section 5).
+order, target, versions, sha256 of ``model.so``, tuned or untuned). Buffers and tensor constants
+(BatchNorm statistics, packed weights a pass stored as buffers) are lifted to parameters first, so
+no weight is baked into the code and one ``.so`` serves many weight sets.
+
+Compressed weights stay compressed: a weight that ``quant`` stored as int8 codes ``q`` with
+per-channel scales ``s`` (and zero points ``z``) is read by the graph as ``w = (q - z) * s``. That
+formula is decomposed into elementwise Relax ops on the int8 parameter, and ``fuse_kernels`` merges
+that decoding kernel into the kernel that consumes ``w`` (e.g. the matmul): ``model.params`` holds
+``q`` (1 byte per weight, not 4) and no float copy of ``w`` is stored. regc's own decoding ops
+(``regc::*`` custom ops, e.g. 4-bit codes packed two per byte) are decomposed from their torch
+bodies (bit shifts rewritten as integer arithmetic), so their packed weights reach ``model.params``
+packed too; their decoding is not yet merged into the consumer (it runs as its own kernel).
+
+Builds are untuned unless a database from ``regc tune`` is given (ARCHITECTURE.md section 5); the
+``cuda`` preset schedules every kernel with dlight's default GPU rules and compiles with nvcc.
 ``tvm`` is imported inside functions: importing it takes seconds.
 """
 
@@ -20,6 +33,7 @@ import hashlib
 import importlib.metadata
 import json
 import platform
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,9 +54,12 @@ __all__ = [
     "TARGETS",
     "ArtifactMeta",
     "Preset",
+    "RelaxProgram",
     "TensorSpec",
     "TvmArtifact",
+    "import_relax",
     "lower_tvm",
+    "tvm_versions",
 ]
 
 FORMAT_VERSION = 1
@@ -62,6 +79,7 @@ class Preset:
         arch: the host machine (``platform.machine()``) the ``.so`` loads on.
         cross_compiler: the g++ that links the ``.so`` when it is not the host's.
         cross_package: the Debian package that provides ``cross_compiler``.
+        device: the TVM device kind the kernels run on (``cpu`` or ``cuda``).
     """
 
     name: str
@@ -70,6 +88,23 @@ class Preset:
     arch: str
     cross_compiler: str | None = None
     cross_package: str | None = None
+    device: str = "cpu"
+
+    def tvm_target(self, gpu_arch: str | None = None) -> Any:
+        """The ``tvm.target.Target``; ``gpu_arch`` (``sm_80``, ...) replaces a GPU preset's default."""
+        import tvm
+
+        if gpu_arch is not None:
+            if self.device != "cuda":
+                raise ConfigError(
+                    f"option arch={gpu_arch} applies to the 'cuda' target only, not '{self.name}'")
+            if not re.fullmatch(r"sm_\d{2,3}[a-z]?", gpu_arch):
+                raise ConfigError(
+                    f"cuda arch '{gpu_arch}' is not a CUDA compute capability like sm_80 or sm_90a")
+        return tvm.target.Target(self.target_dict(gpu_arch))
+
+    def target_dict(self, gpu_arch: str | None = None) -> dict[str, Any]:
+        return {**self.target, "arch": gpu_arch} if gpu_arch else dict(self.target)
 
 
 # Generic x86-64 (no -mcpu): portable, and -mcpu=x86-64-v3 was no faster on untuned code (measured).
@@ -85,6 +120,13 @@ PRESETS: dict[str, Preset] = {
             "aarch64",
             cross_compiler="aarch64-linux-gnu-g++",
             cross_package="g++-aarch64-linux-gnu",
+        ),
+        Preset(
+            "cuda",
+            "TVM, NVIDIA GPU via nvcc, dlight default schedules (option arch=sm_XX, default sm_80)",
+            {"kind": "cuda", "arch": "sm_80", "host": _X86_HOST},
+            "x86_64",
+            device="cuda",
         ),
     ]
 }
@@ -147,7 +189,9 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactMeta:
-    """What ``meta.json`` holds. ``params`` lists the weights in the order the VM takes them."""
+    """What ``meta.json`` holds. ``params`` lists the weights in the order the VM takes them;
+    ``tuning`` is ``tuned`` or ``untuned``, ``tuning_db`` (tuned builds) says which database and how
+    many kernels it covered."""
 
     preset: str
     target: dict[str, Any]
@@ -159,6 +203,7 @@ class ArtifactMeta:
     versions: dict[str, str]
     so_sha256: str = ""
     tuning: str = "untuned"
+    tuning_db: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -201,6 +246,9 @@ class TvmArtifact:
         self.meta = meta
         self._source_so = source_so
         self._vm: Any = None
+        self._device: Any = None
+        self._weights: list[Any] = []
+        self._weights_key: list[int] = []
 
     # ---- files ---------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
@@ -258,6 +306,21 @@ class TvmArtifact:
             raise ModelFormatError(f"{so}: cannot be loaded ({e})") from e
         return cls(module, params, meta, source_so=so)
 
+    def runs_here(self) -> bool:
+        """Whether this machine can run the build (its architecture, and a GPU for ``cuda``)."""
+        try:
+            _check_arch(self.meta)
+        except LoweringError:
+            return False
+        return True
+
+    def kernel_source(self, kind: str) -> str:
+        """Generated code of the built kernels of one module kind (``cuda``: CUDA C; ``llvm``: LLVM IR)
+        in the in-memory build, concatenated; empty when there is none."""
+        mod = getattr(self.module, "mod", self.module)
+        found = mod._collect_from_import_tree(lambda m: m.kind == kind)
+        return "\n".join(m.inspect_source() for m in found)
+
     # ---- running -------------------------------------------------------------------------------
     def run(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """Run on numpy arrays in input order; return outputs in output order."""
@@ -274,43 +337,52 @@ class TvmArtifact:
             from tvm.runtime.vm import VirtualMachine
 
             _check_arch(self.meta)
-            self._vm = VirtualMachine(self.module, tvm.cpu())
-        weights = [self.params[s.name] for s in self.meta.params]
-        out = self._vm["main"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays), *weights)
+            self._device = _device(self.meta)
+            self._vm = VirtualMachine(self.module, self._device)
+        inputs = (tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays)
+        out = self._vm["main"](*inputs, *self._device_weights())
         return tuple(t.numpy() for t in out)
+
+    def _device_weights(self) -> list[Any]:
+        """``params`` in VM order on the run device (GPU copies are kept until ``params`` changes)."""
+        weights = [self.params[s.name] for s in self.meta.params]
+        if _device_kind(self.meta) == "cpu":  # the host tensors themselves
+            return weights
+        key = [id(w) for w in weights]
+        if key != self._weights_key:
+            self._weights, self._weights_key = [w.copyto(self._device) for w in weights], key
+        return self._weights
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         out = tuple(torch.from_numpy(a) for a in self.run(*(t.detach().cpu().numpy() for t in tensors)))
         return out[0] if len(out) == 1 else out
 
 
-def lower_tvm(
-    model: Model, preset: str = "x86_64", *, tuning_db: str | None = None, opt_level: int = 3
-) -> TvmArtifact:
-    """Compile ``model`` for a preset (``x86_64``, ``aarch64``) with weights kept outside the code.
+@dataclasses.dataclass
+class RelaxProgram:
+    """A model imported into Relax with its weights detached: what ``relax.build`` and MetaSchedule
+    tuning both start from, so the kernels they see are the same.
 
-    ``tuning_db`` is reserved for MetaSchedule databases (not applied yet: builds are untuned).
-    Raises ``ConfigError`` for an unknown preset or a tuning database, and ``LoweringError`` naming
-    the failing stage (torch.export, decomposition, TVM import, build) with what to do.
+    Attributes:
+        mod: the IRModule; ``main`` takes the inputs then the weights.
+        params: weights by name (``tvm.runtime.Tensor``), in ``main``'s order.
+        inputs: input specs.
+        outputs: output specs.
     """
-    import tvm
-    from tvm import relax
+
+    mod: Any
+    params: dict[str, Any]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def import_relax(model: Model) -> RelaxProgram:
+    """Import ``model`` into Relax; raise ``LoweringError`` naming the failing stage."""
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
 
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown TVM preset '{preset}'; known: {', '.join(PRESETS)}")
-    if tuning_db is not None:
-        raise ConfigError(f"--tuning-db {tuning_db}: applying tuning databases is not supported yet; omit it")
-    p = PRESETS[preset]
-    if p.cross_compiler and shutil.which(p.cross_compiler) is None:
-        raise LoweringError(
-            f"target '{preset}' needs the cross compiler {p.cross_compiler}: "
-            f"apt-get install {p.cross_package}"
-        )
     if model.training:
         raise LoweringError("the model is in training mode; call model.train_mode(False) before lowering")
-
     gm = _weights_as_params(model.gm)
     dynamic_shapes = model.export_dynamic_shapes()
     try:
@@ -318,7 +390,7 @@ def lower_tvm(
     except Exception as e:  # torch.export raises many unrelated types (UserError, GuardOnDataDependent...)
         raise LoweringError(f"torch.export could not re-capture the model for TVM: {e}") from e
     try:
-        ep = ep.run_decompositions()
+        ep = ep.run_decompositions(_decomposition_table(ep))
     except Exception as e:
         raise LoweringError(f"decomposing the graph to core ATen for TVM failed: {e}") from e
     _check_ops_supported(ep)
@@ -334,29 +406,173 @@ def lower_tvm(
     param_names = [arg_to_fqn[v.name] for v in func.params[num_input:]]
     params = dict(zip(param_names, detached.get("main", []), strict=True))
     inputs, outputs = _io_specs(model, ep)
+    return RelaxProgram(mod, params, inputs, outputs)
 
+
+def lower_tvm(
+    model: Model,
+    preset: str = "x86_64",
+    *,
+    tuning_db: str | Path | None = None,
+    arch: str | None = None,
+    opt_level: int = 3,
+) -> TvmArtifact:
+    """Compile ``model`` for a preset (``x86_64``, ``aarch64``, ``cuda``) with weights kept outside the code.
+
+    ``tuning_db``: a folder written by ``regc tune`` for this preset; its tuned kernels replace the
+    default schedules (kernels it lacks keep them) and ``meta.tuning`` says ``tuned``. ``arch``: the
+    CUDA compute capability for ``cuda`` (``sm_80`` when omitted). Raises ``ConfigError`` for an
+    unknown preset, a bad option or a database for another target/TVM version, and ``LoweringError``
+    naming the failing stage (torch.export, decomposition, TVM import, build) with what to do.
+    """
+    import tvm
+    from tvm import relax
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown TVM preset '{preset}'; known: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    target = p.tvm_target(arch)
+    if p.cross_compiler and shutil.which(p.cross_compiler) is None:
+        raise LoweringError(
+            f"target '{preset}' needs the cross compiler {p.cross_compiler}: "
+            f"apt-get install {p.cross_package}"
+        )
+    if p.device == "cuda" and shutil.which("nvcc") is None:
+        raise LoweringError(
+            "target 'cuda' compiles kernels with nvcc: install the CUDA toolkit (nvcc on PATH)")
+    db = None
+    if tuning_db is not None:
+        from regc.backends.tvm_tune import TuningDatabase
+
+        db = TuningDatabase.open(tuning_db, preset, target)
+    program = import_relax(model)
+
+    tuning_info = None
     try:
+        kernels = fuse_kernels(program.mod, target)
+        if db is not None:
+            kernels, tuning_info = db.apply(kernels, target)
         with tvm.transform.PassContext(opt_level=opt_level):
-            executable = relax.build(mod, target=tvm.target.Target(p.target))
+            executable = relax.build(kernels, target=target, relax_pipeline=_finish_pipeline(target))
+    except ConfigError:
+        raise
     except Exception as e:  # tvm.error.InternalError and friends, with TVM's message
         raise LoweringError(f"TVM build for '{preset}' failed: {e}") from e
 
     meta = ArtifactMeta(
         preset=preset,
-        target=p.target,
+        target=p.target_dict(arch),
         arch=p.arch,
-        inputs=inputs,
-        outputs=outputs,
-        params=[_tensor_spec(n, t.shape, t.dtype) for n, t in params.items()],
+        inputs=program.inputs,
+        outputs=program.outputs,
+        params=[_tensor_spec(n, t.shape, t.dtype) for n, t in program.params.items()],
         opt_level=opt_level,
-        versions={
-            "tvm": tvm.__version__,
-            "tvm_ffi": importlib.metadata.version("apache-tvm-ffi"),
-            "torch": torch.__version__,
-            "regc": importlib.metadata.version("regc"),
-        },
+        versions=tvm_versions(),
+        tuning="untuned" if db is None else "tuned",
+        tuning_db=tuning_info,
     )
-    return TvmArtifact(executable, params, meta)
+    return TvmArtifact(executable, program.params, meta)
+
+
+def fuse_kernels(mod: Any, target: Any) -> Any:
+    """Legalize and fuse ``mod`` into one TIR kernel per fused group: what MetaSchedule tunes and
+    what ``lower_tvm`` schedules and compiles (so the tuning keys match the build).
+
+    TVM's default fusion (FuseOps) then one more: each weight-decoding kernel (elementwise math on
+    integer weights, e.g. ``(q - z) * s``) is merged into the kernel that consumes its result.
+    """
+    import tvm
+    from tvm import relax
+
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else 0
+    weights = {p.name for p in main.params[num_input:]}  # not the model's own (integer) inputs
+    with target:
+        return tvm.transform.Sequential([
+            *_backend_pipeline(target).library_dispatch_passes(target),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.FuseOpsByPattern(_decode_patterns(weights), bind_constants=False),
+            relax.transform.FuseTIR(),
+        ])(mod)
+
+
+def _finish_pipeline(target: Any) -> Any:
+    """The rest of ``relax.build`` after ``fuse_kernels`` (and a tuning database): GPU kernels not
+    scheduled yet get dlight's defaults, then TVM's own lowering and finalization."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    backend = _backend_pipeline(target)
+    gpu = target.kind.name == "cuda"
+    schedule = [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())] if gpu else []
+
+    @tvm.transform.module_pass(opt_level=0, name="regc_finish")
+    def finish(mod: Any, _ctx: Any) -> Any:
+        with target:
+            return tvm.transform.Sequential([
+                *schedule,
+                *backend.dataflow_lower_passes(target),
+                *backend.finalize_passes(target),
+            ])(mod)
+
+    return finish
+
+
+def _backend_pipeline(target: Any) -> Any:
+    """TVM's per-backend pass lists (``tvm.relax.backend.<kind>.pipeline``) for the presets' kinds."""
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline
+    return pipeline
+
+
+_MAX_CONSUMER_ARGS = 6
+_MAX_DECODE_ARGS = 4
+
+
+def _decode_patterns(weights: set[str]) -> list[Any]:
+    """``call_tir(consumer, (..., call_tir(decode, weights...), ...))`` for every argument position,
+    where ``decode`` reads only weight parameters (names in ``weights``), one of them an integer tensor."""
+    from tvm import relax
+    from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
+
+    def reads_integer_weights(ctx: Any) -> bool:
+        args = ctx.annotated_expr["decode"].args[1].fields
+        return all(isinstance(a, relax.Var) and not isinstance(a, relax.DataflowVar) and a.name in weights
+                   for a in args) and any(
+            "int" in str(getattr(a.ty, "dtype", "")) for a in args)
+
+    patterns = []
+    for n_decode in range(1, _MAX_DECODE_ARGS + 1):
+        for n_args in range(1, _MAX_CONSUMER_ARGS + 1):
+            for pos in range(n_args):
+                decode = is_op("relax.call_tir")(
+                    GlobalVarPattern(), TuplePattern([wildcard() for _ in range(n_decode)]),
+                    add_constraint=False)
+                args = [wildcard() for _ in range(n_args)]
+                args[pos] = decode
+                consumer = is_op("relax.call_tir")(
+                    GlobalVarPattern(), TuplePattern(args), add_constraint=False)
+                patterns.append(relax.transform.FusionPattern(
+                    "regc.decoded_weight", consumer, {"decode": decode}, reads_integer_weights))
+    return patterns
+
+
+def tvm_versions() -> dict[str, str]:
+    import tvm
+
+    return {
+        "tvm": tvm.__version__,
+        "tvm_ffi": importlib.metadata.version("apache-tvm-ffi"),
+        "torch": torch.__version__,
+        "regc": importlib.metadata.version("regc"),
+    }
 
 
 TARGETS = [Target(p.name, p.description, functools.partial(lower_tvm, preset=p.name))
@@ -380,6 +596,48 @@ def _weights_as_params(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             delattr(owner, leaf)
             owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
     return gm
+
+
+def _decomposition_table(ep: torch.export.ExportedProgram) -> Any:
+    """Core-ATen decompositions, plus arithmetic bodies for the (de)quantize ops and ``regc::`` decoding
+    ops in the graph, so that integer weights reach TVM as integers followed by elementwise math."""
+    from torch._library.custom_ops import _maybe_get_opdef
+    from torch.ao.quantization.fx import _decomposed
+
+    table = torch.export.default_decompositions()
+    for node in ep.graph.nodes:
+        op = node.target
+        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+            continue
+        namespace = op.namespace
+        if namespace == "quantized_decomposed":
+            overload = "" if op._overloadname == "default" else "_" + op._overloadname
+            body = getattr(_decomposed, op._opname + overload, None)
+        elif namespace == "regc":
+            opdef = _maybe_get_opdef(op)
+            body = None if opdef is None else opdef._init_fn
+        else:
+            continue
+        if body is not None:
+            table[op] = body
+    table.update(_arith_shifts())
+    return table
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x >> k`` = floor(x / 2^k) for integers (arithmetic shift), in int32 (TVM's torch frontend has no
+    shifts, and its scalar constants are int32)."""
+    return torch.div(x.to(torch.int32), 2 ** int(k), rounding_mode="floor").to(x.dtype)
+
+
+def _shift_left(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x << k`` = x * 2^k in int32, cast back (dropping the same high bits as the shift)."""
+    return (x.to(torch.int32) * 2 ** int(k)).to(x.dtype)
+
+
+def _arith_shifts() -> dict[Any, Any]:
+    aten = torch.ops.aten
+    return {aten.__rshift__.Scalar: _shift_right, aten.__lshift__.Scalar: _shift_left}
 
 
 def _check_ops_supported(ep: torch.export.ExportedProgram) -> None:
@@ -446,11 +704,27 @@ def _check_param_specs(params: dict[str, Any], specs: list[TensorSpec], where: s
 
 
 def _check_arch(meta: ArtifactMeta) -> None:
+    """Raise ``LoweringError`` when this machine cannot run a ``meta`` build (architecture, GPU)."""
+    import tvm
+
     if meta.arch != platform.machine():
         raise LoweringError(
             f"this '{meta.preset}' build runs on {meta.arch} machines, this one is {platform.machine()}; "
             "copy the saved folder to the target and run it there"
         )
+    if _device_kind(meta) == "cuda" and not tvm.cuda().exist:
+        raise LoweringError(f"this '{meta.preset}' build runs on an NVIDIA GPU and this machine has none; "
+                            "copy the saved folder to a machine with one")
+
+
+def _device_kind(meta: ArtifactMeta) -> str:
+    return PRESETS[meta.preset].device if meta.preset in PRESETS else "cpu"
+
+
+def _device(meta: ArtifactMeta) -> Any:
+    import tvm
+
+    return tvm.cuda() if _device_kind(meta) == "cuda" else tvm.cpu()
 
 
 def _sha256(path: Path) -> str:

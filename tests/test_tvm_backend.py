@@ -183,16 +183,50 @@ def test_training_mode_is_rejected():
 
 def test_bad_options_are_config_errors():
     model = small_cnn_model()
-    with pytest.raises(ConfigError, match="unknown TVM preset 'riscv'; known: x86_64, aarch64"):
+    with pytest.raises(ConfigError, match="unknown TVM preset 'riscv'; known: x86_64, aarch64, cuda"):
         lower_tvm(model, "riscv")
-    with pytest.raises(ConfigError, match="tuning databases"):
+    with pytest.raises(ConfigError, match="no regc_tuning.json; write the database with 'regc tune'"):
         lower_tvm(model, tuning_db="db/")
+    with pytest.raises(ConfigError, match="arch=sm_80 applies to the 'cuda' target only"):
+        lower_tvm(model, arch="sm_80")
+    with pytest.raises(ConfigError, match="'sm80' is not a CUDA compute capability"):
+        lower_tvm(model, "cuda", arch="sm80")
 
 
 def test_targets_for_the_registry():
     assert [(t.name, t.lower.keywords) for t in TARGETS] == [("x86_64", {"preset": "x86_64"}),
-                                                            ("aarch64", {"preset": "aarch64"})]
-    assert all("untuned" in t.description for t in TARGETS)
+                                                            ("aarch64", {"preset": "aarch64"}),
+                                                            ("cuda", {"preset": "cuda"})]
+    assert all("untuned" in t.description for t in TARGETS[:2]) and "dlight" in TARGETS[2].description
+    assert {"x86_64", "aarch64", "cuda"} <= set(regc.plugins.targets())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit's nvcc (no GPU needed)")
+def test_cuda_builds_gpu_kernels_without_a_gpu(tmp_path):
+    """dlight schedules every kernel for the GPU; nvcc compiles them here, running needs a GPU."""
+    import tvm
+
+    model = make_model(Block(), (torch.randn(2, 8, 32),))
+    art = lower_tvm(model, "cuda", arch="sm_86")
+    cuda = art.kernel_source("cuda")
+    assert cuda.count("__global__") >= 5 and "blockIdx.x" in cuda and "threadIdx.x" in cuda
+    assert "fused_matmul" in cuda and "softmax" in cuda  # the block's matmuls and attention are GPU kernels
+    assert "__global__" not in art.kernel_source("llvm")  # the host module only launches them
+    folder = art.save(tmp_path / "cuda")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["preset"] == "cuda" and meta["target"]["arch"] == "sm_86"
+    assert (folder / "model.params").stat().st_size >= model.weight_bytes()  # weights still outside the code
+    assert art.runs_here() == tvm.cuda().exist
+    if not tvm.cuda().exist:
+        with pytest.raises(LoweringError, match="runs on an NVIDIA GPU and this machine has none"):
+            open_artifact(folder)
+
+
+def test_cuda_without_nvcc_says_what_to_install(monkeypatch):
+    monkeypatch.setattr("regc.backends.tvm_backend.shutil.which", lambda name: None)
+    with pytest.raises(LoweringError, match="compiles kernels with nvcc: install the CUDA toolkit"):
+        lower_tvm(small_cnn_model(), "cuda")
 
 
 def test_aarch64_without_cross_compiler_says_what_to_install(monkeypatch):
@@ -209,3 +243,66 @@ def test_aarch64_cross_compiles(tmp_path):
     assert json.loads((folder / "meta.json").read_text())["target"]["mattr"] == ["+neon"]
     with pytest.raises(LoweringError, match="runs on aarch64 machines"):
         open_artifact(folder)
+
+
+def test_int8_weights_stay_int8_and_dequantize_inside_the_consuming_kernels():
+    """quant's int8 per-channel weights reach model.params as int8 (~1/4 of the float bytes) and each
+    (q - z) * s is fused into the matmul kernel that reads it: no separate dequantize kernel."""
+    import tvm
+
+    from regc.backends.tvm_backend import PRESETS, fuse_kernels, import_relax
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    model = make_model(mlp, (torch.randn(4, 64),))
+    quantized = regc.compress(model.clone(), "quant{acts=none,speed_check=false}")
+    art, float_art = lower_tvm(quantized), lower_tvm(model)
+
+    int8 = {n: t for n, t in art.params.items() if str(t.dtype) == "int8"}
+    assert sorted(tuple(t.shape) for t in int8.values()) == [(64, 256), (256, 64)]
+    weight_bytes = 2 * 64 * 256
+    assert sum(t.numpy().nbytes for t in int8.values()) == weight_bytes  # 1 byte per weight
+    # no fp32 copy of a weight: the float parameters are biases, scales and zero points
+    assert all(str(t.dtype) != "float32" or t.numpy().size <= 256 for t in art.params.values())
+    q_bytes = sum(t.numpy().nbytes for t in art.params.values())
+    f_bytes = sum(t.numpy().nbytes for t in float_art.params.values())
+    assert 0.25 <= q_bytes / f_bytes <= 0.30  # int8 weights + per-channel scales/zero points + fp32 biases
+
+    target = PRESETS["x86_64"].tvm_target()
+    kernels = fuse_kernels(import_relax(quantized).mod, target)
+    signatures = {gv.name_hint: next(s for s in f.script().splitlines() if s.lstrip().startswith("def "))
+                  for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    readers = [name for name, signature in signatures.items() if '"int8"' in signature]
+    assert len(readers) == 2 and all("matmul" in name for name in readers), readers
+
+    x = torch.randn(4, 64)
+    got, want = art(x).numpy(), quantized(x).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    quant_error = float(np.abs(got - model(x).detach().numpy()).max())
+    assert 1e-4 < quant_error < 0.05 * float(np.abs(want).max())  # really the int8 weights, and close
+
+
+def test_cli_target_options_use_pipeline_syntax():
+    from regc.cli import _target_spec
+
+    assert _target_spec("cuda{arch=sm_90a}") == ("cuda", {"arch": "sm_90a"})
+    assert _target_spec("x86_64") == ("x86_64", {})
+    with pytest.raises(ConfigError, match="give one target"):
+        _target_spec("cuda,x86_64")
+
+
+def test_4bit_weights_reach_model_params_packed():
+    """quant bits=4 stores codes two per byte and decodes them with bit shifts: TVM gets them as
+    integer arithmetic on the packed uint8 parameter (the decode runs as its own kernel for now)."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    model = make_model(mlp, (torch.randn(4, 64),))
+    quantized = regc.compress(model.clone(), "quant{acts=none,speed_check=false,bits=4}")
+    art = lower_tvm(quantized)
+    packed = [t for t in art.params.values() if str(t.dtype) in ("uint8", "int8")]
+    assert sum(t.numpy().nbytes for t in packed) == 64 * 256  # 2 x 64 x 256 weights, half a byte each
+    assert max(t.numpy().size for t in art.params.values() if str(t.dtype) == "float32") < 64 * 256 / 8
+    x = torch.randn(4, 64)
+    got, want = art(x).numpy(), quantized(x).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    assert float(np.abs(got - model(x).detach().numpy()).max()) > 1e-3  # really 4-bit weights

@@ -1,0 +1,272 @@
+"""MetaSchedule tuning of regc's TVM kernels, kept as a reusable, versioned database folder.
+
+For every fused kernel ``K`` of the model (``tvm_backend.fuse_kernels``, the same kernels a build
+compiles) tuning looks for a schedule ``s`` (loop tiling, vectorization, parallel loops, unrolling,
+inlining) that minimizes ``latency(K, s)``, measured on this machine. Candidates come from an
+evolutionary search ranked by an XGBoost cost model fitted to the measurements so far; a gradient
+task scheduler spends the budget where it cuts ``sum_K calls(K) * latency(K)`` most. ``trials`` is the
+total number of measured candidates over all kernels (``trials / kernels`` each, at the least one
+round), so tuning time grows linearly with it.
+
+Untuned CPU builds are 22-155x slower than onnxruntime (ARCHITECTURE.md section 5): tune once per
+model, shapes and target, then reuse the folder::
+
+    regc tune out/model.onnx --target x86_64 --trials 512 --db tuned/
+    regc compile out/model.onnx -p '' -t x86_64 --tuning-db tuned/ -o build/
+
+The folder holds TVM's JSONDatabase (``database_workload.json``, ``database_tuning_record.json``)
+and ``regc_tuning.json``: format version, preset, target, TVM versions, trials, seconds, and each
+kernel's name and structural hash. A build applies it only for the same target and TVM version
+(schedules are not portable across either); kernels are looked up by structure, so a database
+covers any model with the same kernels, and kernels it lacks keep the default schedules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from regc.errors import ConfigError, LoweringError
+from regc.ir import Model
+
+__all__ = ["INFO_FILE", "TuningDatabase", "tune_tvm", "TUNE_COMMAND"]
+
+INFO_FILE = "regc_tuning.json"
+FORMAT_VERSION = 1
+# Each candidate is built and run in a worker process that imports tvm first (seconds on a busy
+# machine); TVM's 30 s default times such candidates out and loses them.
+_TIMEOUT_S = 300.0
+
+
+@dataclasses.dataclass
+class TuningDatabase:
+    """A tuning database folder and its ``regc_tuning.json`` (``info``)."""
+
+    path: Path
+    info: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, preset: str, target: Any) -> "TuningDatabase":
+        """Open ``path`` for a build with ``preset``/``target``; raise ``ConfigError`` when it was
+        written for another target or TVM version, or is not a tuning database."""
+        from regc.backends.tvm_backend import tvm_versions
+
+        path = Path(path)
+        try:
+            info = json.loads((path / INFO_FILE).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(
+                f"--tuning-db {path}: no {INFO_FILE}; write the database with 'regc tune'") from e
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"--tuning-db {path}: {INFO_FILE} is unreadable ({e}); re-run 'regc tune'") from e
+        if info.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"--tuning-db {path}: format_version {info.get('format_version')!r}, this regc "
+                              f"reads {FORMAT_VERSION}; re-run 'regc tune'")
+        if info.get("target") != _target_json(target):
+            raise ConfigError(f"--tuning-db {path} was tuned for target {info.get('preset')!r} "
+                              f"({info.get('target')}), not '{preset}' ({_target_json(target)}); "
+                              f"run 'regc tune --target {preset}'")
+        ours = tvm_versions()
+        for key in ("tvm", "tvm_ffi"):
+            if info.get("versions", {}).get(key) != ours[key]:
+                theirs = info.get("versions", {}).get(key)
+                raise ConfigError(f"--tuning-db {path} was tuned with {key} {theirs}, "
+                                  f"this is {ours[key]}; schedules do not carry over: re-run 'regc tune'")
+        return cls(path, info)
+
+    def database(self) -> Any:
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=False)
+
+    def apply(self, kernels: Any, target: Any) -> tuple[Any, dict[str, Any]]:
+        """Replace the kernels of ``kernels`` (a ``fuse_kernels`` module) that the database has
+        schedules for; return the module and a summary for ``ArtifactMeta.tuning_db``. Raise
+        ``ConfigError`` when it covers none of them (tuned for another model or other shapes)."""
+        from tvm import relax
+        from tvm.s_tir import meta_schedule as ms
+
+        database = self.database()
+        tasks = ms.relax_integration.extract_tasks(kernels, target)
+        covered = [t.task_name for t in tasks
+                   if database.query_tuning_record(t.dispatched[0], target, t.task_name) is not None]
+        if tasks and not covered:
+            raise ConfigError(
+                f"--tuning-db {self.path} has no schedule for any of this model's {len(tasks)} kernels "
+                f"(tuned for another model or input shapes); run 'regc tune' on this model")
+        with target, database:
+            kernels = relax.transform.MetaScheduleApplyDatabase()(kernels)
+        summary = {"kernels_tuned": len(covered), "kernels_total": len(tasks),
+                   "trials": self.info.get("trials"), "records_sha256": self.info.get("records_sha256")}
+        return kernels, summary
+
+
+def tune_tvm(
+    model: Model,
+    preset: str = "x86_64",
+    *,
+    trials: int,
+    db: str | Path,
+    arch: str | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> TuningDatabase:
+    """Tune ``model``'s kernels for ``preset`` with ``trials`` measured candidates in total and write
+    the database folder ``db`` (created, or extended when it already holds a database for the same
+    target: records add up). Progress goes to ``log``: one line per measured batch."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from regc.backends.tvm_backend import PRESETS, fuse_kernels, import_relax, tvm_versions
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown TVM preset '{preset}'; known: {', '.join(PRESETS)}")
+    if PRESETS[preset].cross_compiler:
+        raise ConfigError(f"tuning measures kernels on this machine: '{preset}' code cannot run here; "
+                          "run 'regc tune' on the target machine")
+    if PRESETS[preset].device == "cuda" and not tvm.cuda().exist:
+        raise ConfigError("tuning for 'cuda' measures kernels on a GPU and this machine has none")
+    if not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"--trials must be a positive integer, got {trials!r}")
+    try:
+        import xgboost  # noqa: F401  (MetaSchedule's cost model)
+    except ImportError as e:
+        raise ConfigError("regc tune needs xgboost: pip install 'xgboost-cpu>=2.1,<4'") from e
+    target = PRESETS[preset].tvm_target(arch)
+    tune_target = _with_num_cores(target)
+    db = Path(db)
+    if (db / INFO_FILE).exists():
+        previous = TuningDatabase.open(db, preset, target)
+    elif db.exists() and any(db.iterdir()):
+        raise ConfigError(f"--db {db} exists and is not a tuning database; choose another folder")
+    else:
+        previous = None
+    db.mkdir(parents=True, exist_ok=True)
+
+    kernels = fuse_kernels(import_relax(model).mod, target)
+    extracted = ms.relax_integration.extract_tasks(kernels, tune_target)
+    if not extracted:
+        raise LoweringError("the model has no kernels to tune")
+    per_task = max(1, -(-trials // len(extracted)))
+    log(f"tuning {len(extracted)} kernels for '{preset}', {trials} trials (<= {per_task} per kernel)")
+    t0 = time.perf_counter()
+    progress = _progress_callback(trials, t0, log)
+    with tempfile.TemporaryDirectory(prefix="regc-tune-") as work:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted, work_dir=work, seed=seed)
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=work,
+            max_trials_global=trials,
+            max_trials_per_task=per_task,
+            num_trials_per_iter=min(64, per_task),
+            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=_TIMEOUT_S),
+            runner=ms.runner.LocalRunner(timeout_sec=_TIMEOUT_S, evaluator_config=ms.runner.EvaluatorConfig(
+                number=3, repeat=1, min_repeat_ms=20)),
+            database=ms.database.JSONDatabase(work_dir=str(db)),
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+        )
+    seconds = time.perf_counter() - t0
+    info = {
+        "format_version": FORMAT_VERSION,
+        "preset": preset,
+        "target": _target_json(target),
+        "versions": tvm_versions(),
+        "trials": trials + (previous.info.get("trials", 0) if previous else 0),
+        "seconds": round(seconds + (previous.info.get("seconds", 0) if previous else 0), 1),
+        "kernels": {**(previous.info.get("kernels", {}) if previous else {}),
+                    **{t.task_name: str(tvm_ffi.structural_hash(t.mod)) for t in extracted}},
+        "records_sha256": _records_sha256(db),
+    }
+    (db / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    log(f"tuned in {seconds:.0f}s; database {db}")
+    return TuningDatabase(db, info)
+
+
+def _progress_callback(total: int, t0: float, log: Callable[[str], None]) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class Progress(PyMeasureCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.done = 0
+            self.best: dict[int, float] = {}
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            self.done += len(runner_results)
+            times = [sum(float(x) for x in r.run_secs) / len(r.run_secs) for r in runner_results
+                     if r.error_msg is None and r.run_secs]
+            if times:
+                self.best[task_id] = min(self.best.get(task_id, float("inf")), min(times))
+            name = task_scheduler.tasks_[task_id].ctx.task_name
+            best = f"{self.best[task_id] * 1e3:.3f} ms" if task_id in self.best else "no valid candidate yet"
+            log(f"[{self.done}/{total} trials, {time.perf_counter() - t0:.0f}s] {name}: best {best}")
+
+    return Progress()
+
+
+def _with_num_cores(target: Any) -> Any:
+    """``target`` with the ``num-cores`` MetaSchedule's CPU rules need: the threads the kernels will
+    run with (TVM_NUM_THREADS when set, else the physical cores). A build does not need it."""
+    import psutil
+    import tvm
+
+    if target.kind.name != "llvm":
+        return target
+    cores = int(os.environ.get("TVM_NUM_THREADS") or psutil.cpu_count(logical=False) or 1)
+    return tvm.target.Target({**dict(target.export()), "num-cores": cores})
+
+
+def _target_json(target: Any) -> dict[str, Any]:
+    """The target as a JSON-comparable dict (attributes TVM fills in included)."""
+    return json.loads(json.dumps(dict(target.export()), default=str))
+
+
+def _records_sha256(db: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((db / "database_tuning_record.json").read_bytes()).hexdigest()
+
+
+# ---- the `regc tune` command ---------------------------------------------------------------------
+def _configure(parser: Any) -> None:
+    parser.add_argument("model",
+                        help="an .onnx file, MODULE:FUNCTION, or a compile output folder (its model.onnx)")
+    parser.add_argument("-t", "--target", default="x86_64",
+                        help="TVM preset to tune for (see 'regc targets')")
+    parser.add_argument("--arch", help="CUDA compute capability for --target cuda (e.g. sm_80)")
+    parser.add_argument("--trials", type=int, default=512,
+                        help="measured candidates in total (time ~ linear)")
+    parser.add_argument("--db", required=True, help="database folder to write (or extend)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _run(args: Any) -> int:
+    from regc.cli import load_model_spec
+
+    spec = args.model
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "model.onnx")):
+        spec = os.path.join(spec, "model.onnx")
+    model = load_model_spec(spec)
+    tune_tvm(model, args.target, trials=args.trials, db=args.db, arch=args.arch, seed=args.seed)
+    return 0
+
+
+def _command() -> Any:
+    from regc.plugins import Command
+
+    return Command("tune", "tune a model's TVM kernels with MetaSchedule into a reusable database",
+                   _configure, _run)
+
+
+TUNE_COMMAND = _command()

@@ -1,0 +1,131 @@
+"""MetaSchedule-tuned TVM x86 builds against onnxruntime fp32, measured in one run.
+
+    nice -n 5 python bench/tvm_tuned.py [--out bench/results/tvm_tuned.json] [--trials-per-kernel 4]
+                                        [--models resnet18_style,minilm] [--seq 32]
+
+Per model (``regc.zoo.resnet18_style``: 1x3x32x32; ``regc.zoo.minilm``: 1 sentence padded to --seq
+tokens, static shapes): export ONNX (the baseline, onnxruntime CPU, 1 thread), lower with TVM for
+``x86_64`` untuned, tune with ``regc.backends.tvm_tune.tune_tvm`` (trials = --trials-per-kernel x
+kernels), lower again with the database, and time each TVM build against onnxruntime with
+``regc.runtime.compare`` (calls interleaved, TVM at 1 thread: TVM_NUM_THREADS=1). Reported: median
+latencies, ratio = TVM / onnxruntime (goal: tuned <= 1.3), trials, tuning seconds, kernels covered,
+max abs output difference tuned vs onnxruntime. The machine is shared, so absolute numbers drift;
+the ratios are from interleaved calls in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")  # before tvm is imported, here and in tuning workers
+
+# MetaSchedule imports TVM's tensor intrinsics, whose parser calls inspect.stack() per definition: its
+# cost grows with len(sys.modules), so import them before torch (minutes after it on a busy machine).
+import tvm.s_tir.tensor_intrin  # noqa: E402,F401  isort: skip
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import regc
+from regc import zoo
+from regc.backends.tvm_backend import lower_tvm
+from regc.backends.tvm_tune import tune_tvm
+from regc.runtime import compare
+from regc.runtime.artifact import open_artifact
+
+
+def static_model(name: str, seq: int) -> regc.Model:
+    if name == "minilm":
+        z = zoo.minilm()
+        inputs = zoo.minilm_tokenize(zoo.SENTENCES[:1], max_len=seq)
+    else:
+        z = getattr(zoo, name)()
+        inputs = tuple(t[:1] for t in z.example_inputs)
+    return regc.capture(z.module, inputs, input_names=z.input_names, output_names=z.output_names)
+
+
+def run_model(name: str, trials_per_kernel: int, seq: int, work: Path) -> dict:
+    model = static_model(name, seq)
+    onnx_path = work / f"{name}.onnx"
+    model.save(str(onnx_path))
+    feeds = {n: t.numpy() for n, t in zip(model.input_names, model.example_inputs, strict=True)}
+    ort = open_artifact(onnx_path)
+    want = ort.run(feeds)[model.output_names[0]]
+
+    t0 = time.perf_counter()
+    untuned = lower_tvm(model).save(work / f"{name}-untuned")
+    untuned_build_s = time.perf_counter() - t0
+    untuned_cmp = compare(untuned, ort, feeds, warmup=2, budget_s=3.0)
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from regc.backends.tvm_backend import PRESETS, fuse_kernels, import_relax
+
+    target = PRESETS["x86_64"].tvm_target()
+    kernels = len(ms.relax_integration.extract_tasks(fuse_kernels(import_relax(model).mod, target), target))
+    trials = trials_per_kernel * kernels
+    t0 = time.perf_counter()
+    db = tune_tvm(model, trials=trials, db=work / f"{name}-db",
+                  log=lambda s: print(f"  {name}: {s}", flush=True))
+    tune_s = time.perf_counter() - t0
+    tuned_art = lower_tvm(model, tuning_db=db.path)
+    tuned = tuned_art.save(work / f"{name}-tuned")
+    tuned_cmp = compare(tuned, ort, feeds, warmup=3, budget_s=5.0)
+    got = open_artifact(tuned).run(feeds)[model.output_names[0]]
+    return {
+        "inputs": {n: list(a.shape) for n, a in feeds.items()},
+        "kernels": kernels,
+        "trials": trials,
+        "tuning_seconds": round(tune_s, 1),
+        "kernels_tuned": tuned_art.meta.tuning_db["kernels_tuned"],
+        "onnxruntime_median_ms": tuned_cmp["baseline_median_ms"],
+        "untuned_median_ms": untuned_cmp["median_ms"],
+        "untuned_ratio_to_onnxruntime": untuned_cmp["ratio"],
+        "untuned_build_seconds": round(untuned_build_s, 1),
+        "tuned_median_ms": tuned_cmp["median_ms"],
+        "tuned_ratio_to_onnxruntime": tuned_cmp["ratio"],
+        "tuned_max_abs_diff_vs_onnxruntime": float(np.abs(got - want).max()),
+        "goal_ratio": 1.3,
+        "meets_goal": tuned_cmp["ratio"] <= 1.3,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/tvm_tuned.json")
+    ap.add_argument("--models", default="resnet18_style,minilm")
+    ap.add_argument("--trials-per-kernel", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="regc-bench-tvm-") as tmp:
+        for name in args.models.split(","):
+            t0 = time.perf_counter()
+            results[name] = run_model(name, args.trials_per_kernel, args.seq, Path(tmp))
+            results[name]["total_seconds"] = round(time.perf_counter() - t0, 1)
+            print(name, json.dumps(results[name]), flush=True)
+            write(args.out, results)  # after each model: a long run leaves what it finished
+
+
+def write(path: str, results: dict) -> None:
+    out = {
+        "what": "TVM x86_64 (MetaSchedule-tuned and untuned) vs onnxruntime fp32, 1 thread, batch 1, one run",
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "load_avg_at_end": os.getloadavg()},
+        "results": results,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

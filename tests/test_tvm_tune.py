@@ -1,0 +1,85 @@
+"""MetaSchedule tuning databases: written by tune_tvm / `regc tune`, used by lower_tvm, refused if stale."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import regc
+import regc.plugins
+from regc.backends.tvm_backend import lower_tvm
+from regc.backends.tvm_tune import INFO_FILE, tune_tvm
+from regc.cli import build_parser
+from regc.errors import ConfigError
+
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(2, 32)
+    gm = torch.export.export(mlp, (x,)).module()
+    return regc.Model(gm=gm, input_names=["x"], output_names=["y"], example_inputs=(x,))
+
+
+@pytest.mark.slow
+def test_tuned_build_uses_the_database_and_matches_the_untuned_build(tmp_path):
+    model = tiny_mlp()
+    lines = []
+    db = tune_tvm(model, trials=4, db=tmp_path / "db", log=lines.append)
+    info = json.loads((tmp_path / "db" / INFO_FILE).read_text())
+    assert info == db.info and info["preset"] == "x86_64" and info["trials"] == 4
+    assert info["target"]["kind"] == "llvm" and {"tvm", "tvm_ffi"} <= set(info["versions"])
+    assert any("matmul" in k for k in info["kernels"]) and all(h.isdigit() for h in info["kernels"].values())
+    assert (tmp_path / "db" / "database_tuning_record.json").stat().st_size > 0
+    assert lines[0].startswith("tuning ")
+    assert any(line.startswith("[") and " trials, " in line for line in lines)  # progress per measured batch
+
+    tuned = lower_tvm(model, tuning_db=tmp_path / "db")
+    untuned = lower_tvm(model)
+    assert tuned.meta.tuning == "tuned" and untuned.meta.tuning == "untuned"
+    assert untuned.meta.tuning_db is None
+    assert 1 <= tuned.meta.tuning_db["kernels_tuned"] <= tuned.meta.tuning_db["kernels_total"]
+    saved = json.loads((tuned.save(tmp_path / "tuned") / "meta.json").read_text())
+    assert saved["tuning"] == "tuned" and saved["tuning_db"]["records_sha256"] == info["records_sha256"]
+    x = torch.randn(2, 32)
+    np.testing.assert_allclose(tuned(x).numpy(), untuned(x).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tuned(x).numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def write_info(folder, **changes):
+    folder.mkdir()
+    info = {"format_version": 1, "preset": "x86_64", "target": {"kind": "llvm"}, "versions": {}}
+    (folder / INFO_FILE).write_text(json.dumps({**info, **changes}))
+    return folder
+
+
+def test_stale_or_foreign_databases_are_refused(tmp_path):
+    model = tiny_mlp()
+    with pytest.raises(ConfigError, match="no regc_tuning.json"):
+        lower_tvm(model, tuning_db=tmp_path)
+    with pytest.raises(ConfigError, match="was tuned for target 'aarch64' .*, not 'x86_64'"):
+        lower_tvm(model, tuning_db=write_info(tmp_path / "other-target", preset="aarch64",
+                                              target={"kind": "llvm", "mtriple": "aarch64-linux-gnu"}))
+    with pytest.raises(ConfigError, match="format_version 7"):
+        lower_tvm(model, tuning_db=write_info(tmp_path / "future", format_version=7))
+
+
+def test_tune_refuses_bad_requests(tmp_path):
+    model = tiny_mlp()
+    with pytest.raises(ConfigError, match="trials must be a positive integer"):
+        tune_tvm(model, trials=0, db=tmp_path / "db")
+    with pytest.raises(ConfigError, match="'aarch64' code cannot run here"):
+        tune_tvm(model, "aarch64", trials=4, db=tmp_path / "db")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a tuning database"):
+        tune_tvm(model, trials=4, db=tmp_path / "busy")
+
+
+def test_tune_is_a_regc_command():
+    assert "tune" in regc.plugins.commands()
+    args = build_parser().parse_args(["tune", "m.onnx", "--target", "x86_64", "--trials", "64", "--db", "d"])
+    assert (args.model, args.target, args.trials, args.db) == ("m.onnx", "x86_64", 64, "d")
+    compile_args = ["compile", "m.onnx", "-p", "fold_bn", "--tuning-db", "d", "-o", "o"]
+    assert build_parser().parse_args(compile_args).tuning_db == "d"

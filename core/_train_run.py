@@ -7,6 +7,7 @@ temporary file that then replaces the target (no half-written checkpoint after a
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import sys
@@ -31,15 +32,23 @@ __all__ = ["dist_setup", "make_optimizer", "lr_at", "save_checkpoint", "load_che
 CKPT_FORMAT = "regc-train-1"
 
 
-def dist_setup() -> tuple[int, int, bool]:
-    """(rank, world_size, we_initialized): joins torchrun's gloo group when WORLD_SIZE > 1."""
+def dist_setup() -> tuple[int, int]:
+    """(rank, world_size): joins torchrun's gloo group when WORLD_SIZE > 1. The group is created once
+    per process and kept for later fits (re-creating a gloo mesh right after destroying one races
+    between ranks); it is destroyed at interpreter exit."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
+        return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
+        atexit.register(_destroy_group)
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def make_optimizer(kind: str, params: list[torch.nn.Parameter], spec: Any) -> torch.optim.Optimizer:

@@ -300,7 +300,7 @@ def fit(model: Model, spec: TrainSpec, plan: TrainPlan | None = None, *, teacher
     if not isinstance(model, Model):
         raise ConfigError(f"fit expects a regc.Model, got {type(model).__name__}")
     plan = plan or TrainPlan()
-    rank, world, owned = dist_setup()
+    rank, world = dist_setup()
     holders: list[str] = []
     try:
         with torch.random.fork_rng(devices=[]):
@@ -311,8 +311,6 @@ def fit(model: Model, spec: TrainSpec, plan: TrainPlan | None = None, *, teacher
         for name in holders:
             getattr(model.gm, name).train(False)
             fold(model, name)
-        if owned:
-            torch.distributed.destroy_process_group()
 
 
 def _fit(model: Model, spec: TrainSpec, plan: TrainPlan, teacher: Model | None, rank: int, world: int,

@@ -17,7 +17,8 @@ from onnx import TensorProto, numpy_helper
 
 import regc
 from regc.cli import main
-from regc.zoo import digits_cnn, digits_data
+from regc.zoo import digits_data
+from tests.test_prune import _digits_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,17 +28,10 @@ PIPELINE = f"prune{{ratio={DEAD}}},quant{{speed_check=false}}"
 
 @pytest.fixture(scope="module")
 def dead_digits_onnx(tmp_path_factory):
-    zm = digits_cnn()
-    with torch.no_grad():
-        for conv, bn in ((zm.module.features[0], zm.module.features[1]),
-                         (zm.module.features[4], zm.module.features[5])):
-            n = round(DEAD * conv.out_channels)
-            for t in (conv.weight, bn.weight, bn.bias):
-                t[conv.out_channels - n:] = 0
+    model = _digits_model(DEAD)
     path = tmp_path_factory.mktemp("dead") / "digits.onnx"
-    regc.capture(zm.module, zm.example_inputs, zm.dynamic_shapes, input_names=zm.input_names,
-                 output_names=zm.output_names).save(str(path))
-    return path, zm.input_names[0]
+    model.save(str(path))
+    return path, model.input_names[0]
 
 
 def _logits(path, name, x):

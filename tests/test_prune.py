@@ -24,7 +24,8 @@ def _digits_model(dead: float = 0.0):
             n = round(dead * conv.out_channels)
             for t in (conv.weight, bn.weight, bn.bias):
                 t[conv.out_channels - n:] = 0
-    return regc.capture(zm.module, zm.example_inputs, zm.dynamic_shapes)
+    return regc.capture(zm.module, zm.example_inputs, zm.dynamic_shapes, input_names=zm.input_names,
+                        output_names=zm.output_names)
 
 
 def _digits_dataset(n=128):

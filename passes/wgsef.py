@@ -5,7 +5,8 @@ unit is a coupled channel (a residual channel across every block), an FFN unit o
 units made by the same layer(s) form a group g with n_g units. The variable of unit j is
 theta_j = its producing ("out") parameter slices: filters/rows, biases, norm affine. A unit with
 theta_j = 0 outputs exactly zero, so ``harden`` removes it without changing any output.
-Target per group: k_g = max(1, round(keep n_g)).
+Target per group: k_g = max(1, round(keep n_g)), rounded up so the kept channels (k_g x unit width) are a
+multiple of ``round_to`` where possible (onnxruntime's conv kernels run multiples of 8 channels fastest).
 
 After each optimizer step t (learning rate gamma_t) of T, for every selected group:
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 
 import torch
 
@@ -67,6 +69,8 @@ class WgsefConfig:
         project: fraction of the training steps after which the exact top-k projection replaces the
             envelope prox (its support is then held); 1 = only after the last step, in [0, 1].
         layers: glob patterns on the groups' layer names, ':'-separated; empty = every group.
+        round_to: round k up so kept channels are a multiple of this where possible (8 suits
+            onnxruntime's CPU conv kernels); 1 = no rounding, >= 1.
     """
 
     groups: tuple[str, ...] = ("channel", "head")
@@ -75,6 +79,7 @@ class WgsefConfig:
     ramp: float = 0.5
     project: float = 0.5
     layers: tuple[str, ...] = ()
+    round_to: int = 1
 
     def __post_init__(self):
         for g in self.groups:
@@ -87,6 +92,7 @@ class WgsefConfig:
         check_range("wgsef", "strength", self.strength, 0.0, float("inf"), lo_open=True)
         check_range("wgsef", "ramp", self.ramp, 0.0, 1.0, lo_open=True)
         check_range("wgsef", "project", self.project, 0.0, 1.0)
+        check_range("wgsef", "round_to", self.round_to, 1, float("inf"))
 
 
 class UnitGroup:
@@ -191,12 +197,18 @@ def _total_steps(spec, model: Model) -> int:
     return spec.epochs * per
 
 
+def target_units(n: int, width: int, keep: float, round_to: int) -> int:
+    """k = max(1, round(keep n)), rounded up so k x width is a multiple of ``round_to`` where possible."""
+    step = round_to // math.gcd(round_to, width)
+    return max(1, min(n, math.ceil(max(1, round(keep * n)) / step) * step))
+
+
 @register_pass("wgsef", WgsefConfig, phase=Phase.REGULARIZE, exact=False)
 def wgsef(model: Model, config: WgsefConfig, ctx: PassContext) -> PassResult:
     """Train with the group sparse envelope prox to exactly k units per dependency-graph group."""
     spec = spec_for(ctx, "wgsef", optimizer="sgd", lr=0.01)
     dg = build_depgraph(model)
-    groups = [UnitGroup(model, g, max(1, round(config.keep * len(g.units))))
+    groups = [UnitGroup(model, g, target_units(len(g.units), g.unit_width, config.keep, config.round_to))
               for g in dg.groups if _selected(model, g, config)]
     if not groups:
         raise ConfigError(f"wgsef: no prunable group matches groups={':'.join(config.groups)} "

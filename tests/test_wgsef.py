@@ -215,3 +215,14 @@ def test_wgsef_training_then_harden_shrinks_the_graph():
     assert trained["modified"] and hard["units_removed"] > 0
     assert hard["params_after"] < 0.6 * hard["params_before"]
     assert model.get_tensor("2.weight").shape[0] < 32
+
+
+def test_round_to_rounds_k_up_to_kernel_friendly_channel_counts():
+    from regc.passes.wgsef import WgsefConfig, target_units
+
+    assert [target_units(n, 1, 0.7, 1) for n in (8, 16, 32)] == [6, 11, 22]  # plain round(keep n)
+    assert [target_units(n, 1, 0.7, 8) for n in (8, 16, 32)] == [8, 16, 24]  # multiples of 8, <= n
+    assert target_units(12, 64, 0.25, 8) == 3  # heads of width 64 are already multiples of 8
+    assert target_units(10, 1, 0.01, 4) == 4  # at least one unit, then rounded
+    with pytest.raises(regc.errors.ConfigError, match="wgsef.round_to"):
+        WgsefConfig(round_to=0)

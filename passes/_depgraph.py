@@ -172,11 +172,21 @@ def _concrete_values(model: Model) -> dict[fx.Node, Any]:
     """Each node's value on the example inputs, tensors kept as empty tensors of the same shape."""
     vals: dict[fx.Node, Any] = {}
 
+    def keep(n: fx.Node, out: Any) -> None:
+        vals[n] = fx.node.map_aggregate(
+            out, lambda v: torch.empty(v.shape, device="meta") if isinstance(v, torch.Tensor) else v)
+
+    run_example(model, keep)
+    return vals
+
+
+def run_example(model: Model, on_node: Callable[[fx.Node, Any], None]) -> None:
+    """Run the graph on the example inputs (eval mode, no grad), calling ``on_node(node, value)`` per node."""
+
     class _Rec(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
-            vals[n] = fx.node.map_aggregate(
-                out, lambda v: torch.empty(v.shape, device="meta") if isinstance(v, torch.Tensor) else v)
+            on_node(n, out)
             return out
 
     was_training = model.training
@@ -186,7 +196,6 @@ def _concrete_values(model: Model) -> dict[fx.Node, Any]:
             _Rec(model.gm).run(*model.example_inputs)
     finally:
         model.train_mode(was_training)
-    return vals
 
 
 def _const_like(val: Any) -> Any:

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from regc.ir import Model
 from regc.opclass import conv_view, linear_view
-from regc.passes._depgraph import Group, build_depgraph
+from regc.passes._depgraph import Group, build_depgraph, run_example
 from regc.registry import PassContext, PassResult, Phase, register_pass
 
 __all__ = ["HardenConfig", "harden"]
@@ -182,18 +182,9 @@ def _record(model: Model, want: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
     """Values of the nodes in ``want`` on the example inputs (eval mode)."""
     vals: dict[fx.Node, torch.Tensor] = {}
 
-    class _Rec(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> object:
-            out = super().run_node(n)
-            if n in want:
-                vals[n] = out.detach()
-            return out
+    def keep(n: fx.Node, out: object) -> None:
+        if n in want:
+            vals[n] = out.detach()
 
-    was = model.training
-    model.train_mode(False)
-    try:
-        with torch.no_grad():
-            _Rec(model.gm).run(*model.example_inputs)
-    finally:
-        model.train_mode(was)
+    run_example(model, keep)
     return vals

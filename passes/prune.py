@@ -57,7 +57,11 @@ class PruneConfig:
 def kept_units(n: int, width: int, ratio: float, round_to: int) -> int:
     """Units kept out of ``n``: n - floor(ratio n), rounded up so kept channels (units x width) are a
     multiple of ``round_to`` where possible; at least one unit."""
-    keep = n - math.floor(ratio * n)
+    return round_units(n - math.floor(ratio * n), n, width, round_to)
+
+
+def round_units(keep: int, n: int, width: int, round_to: int) -> int:
+    """``keep`` units rounded up so keep x width is a multiple of ``round_to`` where possible; in [1, n]."""
     step = round_to // math.gcd(round_to, width)
     return max(1, min(n, math.ceil(keep / step) * step))
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 
 import torch
 
@@ -45,6 +44,7 @@ from regc.errors import ConfigError
 from regc.ir import Model
 from regc.passes import _reg_math as rm
 from regc.passes._depgraph import Group, build_depgraph
+from regc.passes.prune import round_units
 from regc.registry import PassContext, PassResult, Phase, check_range, register_pass
 from regc.train import Step, TrainPlan, fit, spec_for
 
@@ -199,8 +199,7 @@ def _total_steps(spec, model: Model) -> int:
 
 def target_units(n: int, width: int, keep: float, round_to: int) -> int:
     """k = max(1, round(keep n)), rounded up so k x width is a multiple of ``round_to`` where possible."""
-    step = round_to // math.gcd(round_to, width)
-    return max(1, min(n, math.ceil(max(1, round(keep * n)) / step) * step))
+    return round_units(max(1, round(keep * n)), n, width, round_to)
 
 
 @register_pass("wgsef", WgsefConfig, phase=Phase.REGULARIZE, exact=False)

@@ -53,7 +53,7 @@ from regc.errors import ConfigError, InputMismatchError
 from regc.ir import Model
 from regc.registry import _coerce, check_choice, check_range
 
-__all__ = ["TrainSpec", "TrainPlan", "Batch", "Step", "fit", "spec_for"]
+__all__ = ["TrainSpec", "TrainPlan", "Batch", "Step", "fit", "planned_steps", "spec_for"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -313,10 +313,25 @@ def fit(model: Model, spec: TrainSpec, plan: TrainPlan | None = None, *, teacher
             fold(model, name)
 
 
+def planned_steps(model: Model, spec: TrainSpec, who: str) -> int:
+    """The optimizer steps ``fit(model, spec)`` will run (for passes that schedule over the run); a
+    ``ConfigError`` naming ``who`` when the data source has no length and ``spec.steps`` is unset."""
+    rank, world = dist_setup()
+    total = _total_steps(spec, open_source(spec.data, model, spec.batch_size, spec.seed, rank, world))
+    if total is None:
+        raise ConfigError(f"{who} schedules over the whole run and cannot count the steps of this data "
+                          "source: set train.steps")
+    return total
+
+
+def _total_steps(spec: TrainSpec, source: Any) -> int | None:
+    return spec.steps or (spec.epochs * source.steps_per_epoch if source.steps_per_epoch else None)
+
+
 def _fit(model: Model, spec: TrainSpec, plan: TrainPlan, teacher: Model | None, rank: int, world: int,
          holders: list[str]) -> dict[str, Any]:
     source = open_source(spec.data, model, spec.batch_size, spec.seed, rank, world)
-    total = spec.steps or (spec.epochs * source.steps_per_epoch if source.steps_per_epoch else None)
+    total = _total_steps(spec, source)
     first = next(iter(source.epoch(0)), None)
     if first is None:
         raise ConfigError("train: the data source yields no batches")

@@ -23,7 +23,7 @@ from regc.errors import ConfigError
 from regc.ir import Model
 from regc.opclass import conv_view, linear_view
 from regc.registry import PassContext, PassResult, Phase, check_range, register_pass
-from regc.train import TrainPlan, TrainSpec, fit, spec_for
+from regc.train import TrainPlan, fit, planned_steps, spec_for
 
 __all__ = ["IsspConfig", "issp", "shrink_set", "ShrinkSchedule"]
 
@@ -141,20 +141,12 @@ def prunable(model: Model, config: IsspConfig) -> tuple[dict[str, int], list[str
     return found, skipped
 
 
-def _total_steps(spec: TrainSpec) -> int:
-    if spec.steps:
-        return spec.steps
-    if hasattr(spec.data, "__len__"):
-        return spec.epochs * math.ceil(len(spec.data) / spec.batch_size)
-    raise ConfigError("issp: set train.steps (the pruning stage is a share of the total steps)")
-
-
 @register_pass("issp", IsspConfig, phase=Phase.SPARSIFY, exact=False)
 def issp(model: Model, config: IsspConfig, ctx: PassContext) -> PassResult:
     """Train with iterative soft shrinkage to a per-layer sparsity, then a frozen hard mask."""
     spec = spec_for(ctx, "issp")
     targets, skipped = prunable(model, config)
-    total = _total_steps(spec)
+    total = planned_steps(model, spec, "issp")
     schedule = ShrinkSchedule(targets, config, max(1, round(config.prune_fraction * total)))
     plan = TrainPlan()
     plan.add_after_step("issp", schedule, order=10)

@@ -39,14 +39,13 @@ import fnmatch
 
 import torch
 
-from regc._train_data import open_source
 from regc.errors import ConfigError
 from regc.ir import Model
 from regc.passes import _reg_math as rm
 from regc.passes._depgraph import Group, build_depgraph
 from regc.passes.prune import round_units
 from regc.registry import PassContext, PassResult, Phase, check_range, register_pass
-from regc.train import Step, TrainPlan, fit, spec_for
+from regc.train import Step, TrainPlan, fit, planned_steps, spec_for
 
 __all__ = ["WgsefConfig", "wgsef", "UnitGroup"]
 
@@ -187,16 +186,6 @@ def _selected(model: Model, g: Group, cfg: WgsefConfig) -> bool:
     return "filter" in cfg.groups and all(w.dim() != 2 for w in weights if w.dim() > 1)
 
 
-def _total_steps(spec, model: Model) -> int:
-    if spec.steps:
-        return spec.steps
-    per = open_source(spec.data, model, spec.batch_size, spec.seed, 0, 1).steps_per_epoch
-    if not per:
-        raise ConfigError("wgsef schedules lambda over the run and cannot count the steps of this data "
-                          "source: set train.steps")
-    return spec.epochs * per
-
-
 def target_units(n: int, width: int, keep: float, round_to: int) -> int:
     """k = max(1, round(keep n)), rounded up so k x width is a multiple of ``round_to`` where possible."""
     return round_units(max(1, round(keep * n)), n, width, round_to)
@@ -213,7 +202,7 @@ def wgsef(model: Model, config: WgsefConfig, ctx: PassContext) -> PassResult:
         raise ConfigError(f"wgsef: no prunable group matches groups={':'.join(config.groups)} "
                           f"layers={':'.join(config.layers) or '(all)'}; 'regc inspect' lists the layers")
     alive_before = [g.alive(model) for g in groups]
-    schedule = _Schedule(groups, config, _total_steps(spec, model))
+    schedule = _Schedule(groups, config, planned_steps(model, spec, "wgsef"))
     plan = TrainPlan()
     plan.add_after_step("wgsef", schedule)
     plan.add_state("wgsef", schedule)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import importlib.metadata
 import json
 import platform
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from regc.errors import ConfigError, InputMismatchError, LoweringError, ModelFormatError
+from regc.files import sha256_file
 from regc.ir import Model
 from regc.plugins import Target
 
@@ -272,7 +272,7 @@ class TvmArtifact:
             except Exception as e:  # compiler/linker failures surface as RuntimeError with the log
                 raise LoweringError(f"linking {so} for '{preset.name}' failed: {e}") from e
         tvm.runtime.save_param_dict_to_file(self.params, str(folder / PARAMS_FILE))
-        meta = dataclasses.replace(self.meta, so_sha256=_sha256(so))
+        meta = dataclasses.replace(self.meta, so_sha256=sha256_file(so))
         (folder / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
         return folder
 
@@ -292,7 +292,7 @@ class TvmArtifact:
         for f in (so, params_path):
             if not f.is_file():
                 raise ModelFormatError(f"{folder}: {f.name} is missing; copy the whole artifact folder")
-        if _sha256(so) != meta.so_sha256:
+        if sha256_file(so) != meta.so_sha256:
             raise ModelFormatError(f"{so}: sha256 differs from {META_FILE} (corrupt or replaced); re-compile")
         _check_arch(meta)
         try:
@@ -727,9 +727,3 @@ def _device(meta: ArtifactMeta) -> Any:
     return tvm.cuda() if _device_kind(meta) == "cuda" else tvm.cpu()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from regc.errors import ConfigError, LoweringError
+from regc.files import sha256_file
 from regc.ir import Model
+from regc.plugins import Command
 
 __all__ = ["INFO_FILE", "TuningDatabase", "tune_tvm", "TUNE_COMMAND"]
 
@@ -175,16 +177,17 @@ def tune_tvm(
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
         )
     seconds = time.perf_counter() - t0
+    prev = previous.info if previous else {}
     info = {
         "format_version": FORMAT_VERSION,
         "preset": preset,
         "target": _target_json(target),
         "versions": tvm_versions(),
-        "trials": trials + (previous.info.get("trials", 0) if previous else 0),
-        "seconds": round(seconds + (previous.info.get("seconds", 0) if previous else 0), 1),
-        "kernels": {**(previous.info.get("kernels", {}) if previous else {}),
+        "trials": trials + prev.get("trials", 0),
+        "seconds": round(seconds + prev.get("seconds", 0), 1),
+        "kernels": {**prev.get("kernels", {}),
                     **{t.task_name: str(tvm_ffi.structural_hash(t.mod)) for t in extracted}},
-        "records_sha256": _records_sha256(db),
+        "records_sha256": sha256_file(db / "database_tuning_record.json"),
     }
     (db / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log(f"tuned in {seconds:.0f}s; database {db}")
@@ -232,12 +235,6 @@ def _target_json(target: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dict(target.export()), default=str))
 
 
-def _records_sha256(db: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256((db / "database_tuning_record.json").read_bytes()).hexdigest()
-
-
 # ---- the `regc tune` command ---------------------------------------------------------------------
 def _configure(parser: Any) -> None:
     parser.add_argument("model",
@@ -262,11 +259,5 @@ def _run(args: Any) -> int:
     return 0
 
 
-def _command() -> Any:
-    from regc.plugins import Command
-
-    return Command("tune", "tune a model's TVM kernels with MetaSchedule into a reusable database",
-                   _configure, _run)
-
-
-TUNE_COMMAND = _command()
+TUNE_COMMAND = Command("tune", "tune a model's TVM kernels with MetaSchedule into a reusable database",
+                       _configure, _run)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import capture
 
 import regc
 from regc.runtime import open_artifact
-from regc.runtime.bundle import export_bundle, open_any
+from regc.runtime.bundle import export_bundle
 from regc.zoo import bert_encoder
 
 
@@ -48,8 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     z = bert_encoder()
-    model = regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
-                         output_names=z.output_names)
+    model = capture(z)
     feeds = {n: t.numpy() for n, t in zip(z.input_names, z.example_inputs, strict=True)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = regc.lower(model, "x86_64").save(Path(tmp, "x86_64"))
@@ -60,7 +60,7 @@ def main() -> None:
                "in_process": base}
         cases = (("bundle_x86_64", x86, args.runs), ("bundle_aarch64_qemu", a64, args.qemu_runs))
         for key, bundle, runs in cases:
-            t, got = timed(open_any(bundle).run, feeds, runs)
+            t, got = timed(open_artifact(bundle).run, feeds, runs)
             t["ratio_to_in_process"] = t["median_ms"] / base["median_ms"]
             t["max_abs_diff"] = float(np.abs(got - want).max())
             t["bytes"] = {p.relative_to(bundle).as_posix(): p.stat().st_size

@@ -2,6 +2,7 @@
 
     runner = open_artifact("out/model.onnx")      # onnxruntime, CPU, 1 thread
     runner = open_artifact("out/x86_64")          # a TVM folder written by TvmArtifact.save
+    runner = open_artifact("bundle")              # an edge bundle written by 'regc export'
     outputs = runner.run({"x": x})                # {"logits": ...}
 
 Both runners check inputs the same way before running (names, dtype, rank, static dims) and raise
@@ -98,19 +99,24 @@ class TvmRunner(Runner):
 
 
 def open_artifact(path: str | os.PathLike[str], *, threads: int = 1) -> Runner:
-    """Open an ``.onnx`` file or a TVM folder (``regc compile -t TARGET``); ``threads``: CPU threads."""
+    """Open an ``.onnx`` file, a TVM folder (``regc compile -t TARGET``) or an edge bundle
+    (``regc export``); ``threads``: CPU threads."""
     if not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file or folder")
+    from regc.runtime.bundle import BundleRunner, is_bundle  # bundle.py imports this module
+
+    if is_bundle(path):  # before the TVM check: a bundle also holds model.so and model.params
+        return BundleRunner(path, threads)
     if path.is_file() and path.suffix.lower() == ".onnx":
         return OnnxRunner(path, threads)
     if path.is_dir() and any((path / f).exists() for f in (META_FILE, SO_FILE, PARAMS_FILE)):
         return TvmRunner(path, threads)
     raise ModelFormatError(
-        f"{path}: not a runnable artifact (expected an .onnx file or a folder with {META_FILE}, {SO_FILE} "
-        f"and {PARAMS_FILE} written by 'regc compile -t TARGET')"
+        f"{path}: not a runnable artifact (expected an .onnx file, a folder with {META_FILE}, {SO_FILE} "
+        f"and {PARAMS_FILE} written by 'regc compile -t TARGET', or a bundle written by 'regc export')"
     )
 
 

@@ -10,6 +10,7 @@ artifacts on the same machine and are not tests.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Callable, TypedDict
@@ -72,10 +73,7 @@ def bench(
     calls until ``budget_s`` seconds have passed (at least 3)."""
     _check_counts(warmup, iters, budget_s)
     r = _as_runner(runner)
-    inputs = random_inputs(r.input_specs) if inputs is None else inputs
-    for _ in range(warmup):
-        r.run(inputs)
-    return _timing(_sample([lambda: r.run(inputs)], iters, budget_s)[0])
+    return _timing(_sample(_warmed_calls([r], inputs, warmup), iters, budget_s)[0])
 
 
 def compare(
@@ -93,11 +91,7 @@ def compare(
     a, b = _as_runner(artifact), _as_runner(baseline)
     if a.input_names != b.input_names:
         raise InputMismatchError(f"artifact takes inputs {a.input_names}, baseline takes {b.input_names}")
-    inputs = random_inputs(a.input_specs) if inputs is None else inputs
-    for _ in range(warmup):
-        a.run(inputs)
-        b.run(inputs)
-    ta, tb = _sample([lambda: a.run(inputs), lambda: b.run(inputs)], iters, budget_s)
+    ta, tb = _sample(_warmed_calls([a, b], inputs, warmup), iters, budget_s)
     ra, rb = _timing(ta), _timing(tb)
     return Comparison(
         **ra,
@@ -107,6 +101,19 @@ def compare(
         baseline_iters=rb["iters"],
         ratio=ra["median_ms"] / rb["median_ms"],
     )
+
+
+def _warmed_calls(
+    runners: list[Runner], inputs: dict[str, np.ndarray] | None, warmup: int
+) -> list[Callable[[], object]]:
+    """One call per runner on ``inputs`` (random from the first runner's specs when None), after
+    ``warmup`` untimed rounds of them all."""
+    inputs = random_inputs(runners[0].input_specs) if inputs is None else inputs
+    calls = [functools.partial(r.run, inputs) for r in runners]
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    return calls
 
 
 def _sample(fns: list[Callable[[], object]], iters: int | None, budget_s: float) -> list[list[float]]:

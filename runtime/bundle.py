@@ -37,7 +37,7 @@ from regc.errors import ConfigError, LoweringError, ModelFormatError
 from regc.files import atomic_dir, sha256_file
 from regc.plugins import Command
 from regc.runtime._bundle_native import ARCHES, native_parts
-from regc.runtime.artifact import Runner, open_artifact, run_npz
+from regc.runtime.artifact import Runner
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -47,8 +47,6 @@ __all__ = [
     "EXPORT_COMMAND",
     "export_bundle",
     "is_bundle",
-    "open_any",
-    "run_any_npz",
     "verify_bundle",
 ]
 
@@ -158,30 +156,6 @@ class BundleRunner(Runner):
                 detail = proc.stderr.strip() or f"exit status {proc.returncode}"
                 raise ModelFormatError(f"{self.path}: {RUNNER_FILE} failed: {detail}")
             return tuple(np.load(out_dir / f"{i}.npy") for i in range(len(self.output_names)))
-
-
-def open_any(path: str | os.PathLike[str], *, threads: int = 1) -> Runner:
-    """``open_artifact`` that also opens bundles (folders with ``manifest.json``)."""
-    if is_bundle(path):
-        if not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
-        return BundleRunner(Path(path), threads)
-    return open_artifact(path, threads=threads)
-
-
-def run_any_npz(artifact_path: str | os.PathLike[str], inputs_npz: str | os.PathLike[str],
-                outputs_npz: str | os.PathLike[str], *, threads: int = 1) -> dict[str, np.ndarray]:
-    """``regc run`` for bundles too: inputs from an ``.npz`` by input name, outputs to one by output name."""
-    if not is_bundle(artifact_path):
-        return run_npz(artifact_path, inputs_npz, outputs_npz, threads=threads)
-    try:
-        with np.load(inputs_npz, allow_pickle=False) as f:
-            inputs = {k: f[k] for k in f.files}
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"--inputs {inputs_npz}: cannot read it as an .npz of arrays ({e})") from e
-    outputs = open_any(artifact_path, threads=threads).run(inputs)
-    np.savez(outputs_npz, **outputs)
-    return outputs
 
 
 # ---- the `regc export` command -----------------------------------------------------------------

@@ -19,7 +19,8 @@ import regc
 from regc.cli import main
 from regc.errors import ConfigError, LoweringError, ModelFormatError
 from regc.runtime import _bundle_native
-from regc.runtime.bundle import BundleRunner, export_bundle, open_any
+from regc.runtime.artifact import open_artifact
+from regc.runtime.bundle import BundleRunner, export_bundle
 from regc.zoo import bert_encoder, digits_cnn, digits_data
 
 _ELF_MACHINE = {"x86_64": 62, "aarch64": 183}  # e_machine in the ELF header
@@ -73,8 +74,8 @@ def test_aarch64_bundle_under_qemu_matches_x86(bundles, kind):
         for f in ("model.so", "regc_run", "lib/libtvm_runtime.so", "lib/libtvm_ffi.so"):
             check_elf(bundle / f, arch)
     want = model(*(torch.from_numpy(a) for a in inputs.values())).detach().numpy()
-    got_x86 = open_any(x86).run(inputs)
-    got_a64 = open_any(a64).run(inputs)
+    got_x86 = open_artifact(x86).run(inputs)
+    got_a64 = open_artifact(a64).run(inputs)
     name = model.output_names[0]
     assert got_a64[name].shape == want.shape and got_a64[name].dtype == np.float32
     np.testing.assert_allclose(got_x86[name], want, rtol=1e-4, atol=1e-4)  # TVM vs torch kernels

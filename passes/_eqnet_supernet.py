@@ -15,7 +15,7 @@ Averages: weight bits weighted by parameter count, activation bits by per-sample
 over the elastic layers.
 
 BN recalibration: with the subnet switched on, every ``aten.batch_norm`` runs in training mode over the
-calibration batches with momentum 1/(k+1) at batch k, which leaves the running statistics equal to the
+calibration batches with momentum 1 at every batch; the running statistics are then set to the
 mean of the per-batch statistics (one batch: exactly its statistics).
 
 Lowering a subnet (its quantizers are then removed): the weight becomes int8 codes
@@ -158,18 +158,27 @@ class Supernet:
         """Running BN statistics of the current subnet from ``batches`` (cumulative mean)."""
         gm = self.model.gm
         bns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.batch_norm.default]
-        if not bns:
+        if not bns or not batches:
             return
         saved = [n.args for n in bns]
+        # momentum 1: each batch overwrites the running statistics with its own; their mean is kept here,
+        # so the graph is recompiled once, not once per batch
+        stats = list({a.target: self.model.get_tensor(a.target) for n in bns for a in n.args[3:5]
+                      if isinstance(a, fx.Node)}.values())
+        sums = [torch.zeros_like(t) for t in stats]
         try:
+            for n in bns:
+                args = list(n.args)
+                args[5], args[6] = True, 1.0
+                n.args = tuple(args)
+            gm.recompile()
             with torch.no_grad():
-                for k, xs in enumerate(batches):
-                    for n in bns:
-                        args = list(n.args)
-                        args[5], args[6] = True, 1.0 / (k + 1)
-                        n.args = tuple(args)
-                    gm.recompile()
+                for xs in batches:
                     gm(*xs)
+                    for acc, t in zip(sums, stats, strict=True):
+                        acc += t
+                for acc, t in zip(sums, stats, strict=True):
+                    t.copy_(acc / len(batches))
         finally:
             for n, a in zip(bns, saved, strict=True):
                 n.args = a

@@ -299,11 +299,9 @@ def eqnet(model: Model, config: EqnetConfig, ctx: PassContext) -> PassResult:
     best, predicted, window_met = evolve(
         sn, lambda cs: net(encode(cs, sn.free)), config.avg_bits, config.budget_window, config.population,
         config.generations, config.mutate_prob, g)
-    measured = sn.accuracy(best, data.calib, data.batches, data.labels)
     uniform = {str(b): sn.accuracy(sn.uniform(b, best.w_channel, best.w_sym, best.a_sym), data.calib,
                                    data.batches, data.labels) for b in sn.space.bits}
-    sn.set(best)
-    sn.recalibrate(data.calib)
+    measured = sn.accuracy(best, data.calib, data.batches, data.labels)  # leaves ``best`` set and recalibrated
     layers = sn.lower(best)
     w_avg, a_avg = sn.avg_bits(best)
     train = {k: v for k, v in summary.items() if k not in ("history", "spec")}

@@ -15,7 +15,6 @@ ratio; and per input shape the latency and the speed-up over dense.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _common import write_json
 
 import regc
 from regc.zoo import SENTENCES, minilm, minilm_tokenize
@@ -130,9 +130,7 @@ def main() -> None:
                 "speedup_vs_dense": round(base / med, 3)})
     result["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_json(args.out, result)
     print(table(result))
     print(f"wrote {out} ({result['seconds']} s)")
 

@@ -25,14 +25,13 @@ one epoch over the first --ft training sentences) is applied to svd-uniform and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import time
-from pathlib import Path
 
 import torch
+from _common import write_json
 from torch import nn
 
 import regc
@@ -192,9 +191,7 @@ def main() -> None:
             print(f"ratio {ratio:<4} {method:<13} accuracy {row['accuracy']:.3f}{ft} "
                   f"(kept {row['ratio_achieved']:.3f}, {row['seconds']} s)", flush=True)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_json(args.out, result)
     print(table(result))
     print(f"wrote {out} ({result['seconds']} s)")
 

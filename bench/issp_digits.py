@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 import torch
+from _common import write_json
 
 import regc
 from regc.train import TrainSpec, fit
@@ -64,9 +64,7 @@ def main() -> None:
     result = {"benchmark": "issp_digits", "steps": args.steps, "seeds": args.seeds,
               "note": "sparsity on the middle conv only; storage = values + 1-bit mask, never speed",
               "results": table}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result, indent=2)
     print(json.dumps(table, indent=2))
 
 

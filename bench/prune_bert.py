@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import write_json
 
 import regc
 from regc.runtime.bench import compare
@@ -96,9 +97,7 @@ def main() -> None:
         "latency_onnxruntime_1_thread": lat,
         "targets": {f"cosine_mean_at_least_{COSINE_BOUND}": after["cosine_mean"] >= COSINE_BOUND},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result, indent=2)
     print(json.dumps({k: result[k] for k in ("params", "fidelity_one_shot", "fidelity_after_distillation",
                                              "distillation", "targets")}, indent=2))
     print(json.dumps(lat, indent=2))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import write_json
 
 import regc
 from regc.runtime.bench import compare
@@ -113,9 +114,7 @@ def main() -> None:
                     "latency_at_most_0.6x_batch_1": lat["batch_1"]["ratio"] <= 0.6},
         "groups": [{k: g[k] for k in ("name", "channels_before", "channels_after")} for g in stats["groups"]],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result, indent=2)
     summary = {k: result[k] for k in ("dense", "pruned", "accuracy_drop_points", "targets")}
     print(json.dumps(summary, indent=2))
     print(json.dumps(lat, indent=2))

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from _common import capture, write_json
 
 import regc
 from regc.pipeline import parse_pipeline
@@ -68,8 +69,7 @@ def main() -> None:
 
     z = digits_cnn()
     d = digits_data()
-    base = regc.compress(regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
-                                      output_names=z.output_names), "fold_bn")
+    base = regc.compress(capture(z), "fold_bn")
     calib = regc.Dataset({"image": d.x_train[:256]}, d.y_train[:256])
     tmp = Path(tempfile.mkdtemp())
     base.save(tmp / "fp32.onnx")
@@ -105,9 +105,7 @@ def main() -> None:
         models[k]["batch64_profile_us"] = {**prof, "total": sum(prof.values())}
     result = {"benchmark": "quant_digits", "onnxruntime": ort.__version__, "threads": 1, "models": models,
               "stats": stats}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     for k, v in models.items():
         b1, b64 = v["batch1"], v["batch64"]
         print(f"{k:12s} acc {v['accuracy']:.4f}  bs1 {b1['median_ms']:.4f} ms ({b1['ratio_median']:.2f}x)"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import platform
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from _common import capture, write_json
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import regc
@@ -76,8 +76,7 @@ def main() -> None:
     args = ap.parse_args()
 
     z = minilm()
-    model = regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
-                         output_names=z.output_names)
+    model = capture(z)
     ids, mask = minilm_tokenize(SENTENCES)
     calib = regc.Dataset({"input_ids": ids[:16], "attention_mask": mask[:16]})
     tmp = Path(tempfile.mkdtemp())
@@ -118,9 +117,7 @@ def main() -> None:
                     "threads": 1},
         "models": models, "stats": records[0]["stats"],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     for k, v in models.items():
         print(f"{k:12s} bytes {v['file_ratio']:.3f} (init {v['initializer_ratio']:.3f})"
               f"  cos mean {v['cosine_mean']:.5f} min {v['cosine_min']:.5f}"

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import capture
 
 import regc
 from regc.data import Dataset
@@ -42,8 +43,7 @@ def _time(fn) -> float:
 
 def measure(name: str, pipeline: str, data: Dataset, folder: Path) -> dict:
     z = ZOO[name]()
-    before = regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
-                          output_names=z.output_names)
+    before = capture(z)
     after, records = regc.parse_pipeline(pipeline).run(before.clone(), PassContext(data=data, seed=0))
     onnx_path = folder / f"{name}.onnx"
 

@@ -15,10 +15,9 @@ sentence-embedding cosine to fp32 on ``regc.zoo.SENTENCES`` (mean and min), as m
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
+from _common import capture, write_json
 
 import regc
 from regc.opclass import linear_view
@@ -66,8 +65,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/rf8_compare.json")
     args = ap.parse_args()
     z = minilm()
-    base = regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
-                        output_names=z.output_names)
+    base = capture(z)
     ids, mask = minilm_tokenize(SENTENCES)
     with torch.no_grad():
         ref = base(ids, mask)
@@ -91,10 +89,8 @@ def main() -> None:
         print(f"{name:9s} rel RMSE all {r['weight_rel_rmse_all']:.4f} mean {r['weight_rel_rmse_mean']:.4f} "
               f"worst {r['weight_rel_rmse_worst']:.4f}  cosine mean {r['cosine_mean']:.6f}"
               f" min {r['cosine_min']:.6f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "rf8_compare", "tensors": len(targets),
-                               "sentences": len(SENTENCES), "formats": results}, indent=1))
+    write_json(args.out, {"benchmark": "rf8_compare", "tensors": len(targets), "sentences": len(SENTENCES),
+                          "formats": results})
 
 
 if __name__ == "__main__":

@@ -48,11 +48,12 @@ def convbn_model():
     return regc.capture(ConvBnNet(), (torch.randn(2, 3, 8, 8),), {"x": {0: torch.export.Dim("batch")}})
 
 
-def capture_zoo(name: str):
-    """Capture a zoo model by name (``regc.zoo.ZOO``) with its names and dynamic shapes."""
+def capture_zoo(zoo):
+    """Capture a zoo model, by name (``regc.zoo.ZOO``) or as built (``minilm()``), with its names and
+    dynamic shapes."""
     from regc.zoo import ZOO
 
-    z = ZOO[name]()
+    z = ZOO[zoo]() if isinstance(zoo, str) else zoo
     return regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
                         output_names=z.output_names)
 

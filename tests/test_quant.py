@@ -147,9 +147,7 @@ def test_dynamic_acts_export_dynamic_quantize_linear(tmp_path):
 
 
 def _digits():
-    z = digits_cnn()
-    m = regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
-                     output_names=z.output_names)
+    m = capture_zoo(digits_cnn())
     d = digits_data()
     return regc.compress(m, "fold_bn"), d, regc.Dataset({"image": d.x_train[:256]}, d.y_train[:256])
 
@@ -267,9 +265,7 @@ def test_static_needs_data_and_bad_options_raise():
 def test_minilm_static_int8_fidelity_and_bytes():
     from regc.zoo import SENTENCES, minilm, minilm_tokenize
 
-    z = minilm()
-    m = regc.capture(z.module, z.example_inputs, z.dynamic_shapes, input_names=z.input_names,
-                     output_names=z.output_names)
+    m = capture_zoo(minilm())
     ids, mask = minilm_tokenize(SENTENCES)
     with torch.no_grad():
         ref = m(ids, mask)

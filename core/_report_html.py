@@ -86,7 +86,8 @@ def render(r: dict[str, Any]) -> str:
     table = r.get("per_layer") or {"columns": [], "rows": []}
     cols = table["columns"]
     rows = table["rows"]
-    prof = (r.get("layer_profile") or {}).get("layers") or {}
+    lp = r.get("layer_profile") or {}
+    prof = lp.get("layers") or {}
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>regc report: "
              f"{_e(r.get('source'))}</title><style>{_CSS}</style></head><body>",
              f"<h1>regc report</h1><p>{_e(r.get('source'))} ({_e(r.get('origin'))}), pipeline "
@@ -96,7 +97,6 @@ def render(r: dict[str, Any]) -> str:
              "<h2>Per-layer table</h2>",
              _table([c[1] for c in cols], [[_cell(c[0], row.get(c[0])) for c in cols] for row in rows],
                     "per-layer")]
-    lp = r.get("layer_profile") or {}
     lat_source = (r.get("layer_latency") or {}).get("source", "not measured (--no-bench)")
     parts.append(f'<p class="note">MACs and output error from {lp.get("samples", "n/a")} calibration '
                  "sample(s); output error is the relative L2 distance of the layer block's output (the layer "

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from regc.ir import Model
+from regc.ir import Model, _delete_attr
 
 __all__ = ["PREFIX", "Holder", "install", "fold"]
 
@@ -61,7 +61,7 @@ def install(model: Model, target: str, fns: Sequence[torch.nn.Module]) -> str:
             new.meta = dict(n.meta)
             n.replace_all_uses_with(new)
             gm.graph.erase_node(n)
-    _delete(gm, target)
+    _delete_attr(gm, target)
     gm.recompile()
     return name
 
@@ -94,9 +94,3 @@ def _owner(gm: torch.nn.Module, target: str) -> torch.nn.Module:
         mod = getattr(mod, part)
     return mod
 
-
-def _delete(gm: torch.nn.Module, target: str) -> None:
-    leaf = target.split(".")[-1]
-    owner = _owner(gm, target)
-    owner._parameters.pop(leaf, None)
-    owner._buffers.pop(leaf, None)

@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from regc.plugins import commands
 
-    for cmd in commands().values():  # plug-in commands: tune, export, report, ...
+    for cmd in commands().values():  # plug-in commands: tune (backends), export (runtime), ...
         sp = sub.add_parser(cmd.name, help=cmd.help)
         cmd.configure(sp)
         sp.set_defaults(fn=cmd.run)

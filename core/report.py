@@ -204,9 +204,7 @@ def _macs(n: fx.Node, args: list[Any], out: Any) -> int:
     if n.target in _CONV or n.target in _CONV_T:
         k = w[0].numel()  # conv: C_in/groups * kernel; transposed: C_out/groups * kernel per input
         return out.numel() * k if n.target in _CONV else x.numel() * k
-    if n.target is aten.linear.default:
-        return out.numel() * w.shape[-1]
-    if n.target is aten.addmm.default:
+    if n.target in (aten.linear.default, aten.addmm.default):
         return out.numel() * w.shape[-1]
     if n.target in (aten.matmul.default, aten.mm.default, aten.bmm.default):
         return out.numel() * x.shape[-1]

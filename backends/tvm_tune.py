@@ -36,13 +36,41 @@ from regc.files import sha256_file
 from regc.ir import Model
 from regc.plugins import Command
 
-__all__ = ["INFO_FILE", "TuningDatabase", "tune_tvm", "TUNE_COMMAND"]
+__all__ = ["INFO_FILE", "TuningDatabase", "import_tensor_intrinsics", "tune_tvm", "TUNE_COMMAND"]
 
 INFO_FILE = "regc_tuning.json"
 FORMAT_VERSION = 1
 # Each candidate is built and run in a worker process that imports tvm first (seconds on a busy
 # machine); TVM's 30 s default times such candidates out and loses them.
 _TIMEOUT_S = 300.0
+
+
+def import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (MetaSchedule imports it in the tuner and in every builder
+    worker) in seconds instead of minutes.
+
+    Its ~250 TVMScript definitions each call ``inspect.stack()``, which asks ``inspect.getmodule`` for
+    every frame; for the ``<frozen importlib...>`` frames of an import that lookup scans all of
+    ``sys.modules`` and still answers None (a frame has no ``__name__``). 77 s -> 7 s here. The
+    shortcut answers None for ``<...>`` file names directly, only while the import runs.
+    """
+    import inspect
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    getmodule = inspect.getmodule
+
+    def _getmodule(obj: Any, _filename: str | None = None) -> Any:
+        if _filename is not None and _filename.startswith("<") and inspect.isframe(obj):
+            return None
+        return getmodule(obj, _filename)
+
+    inspect.getmodule = _getmodule
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.getmodule = getmodule
 
 
 @dataclasses.dataclass
@@ -152,6 +180,7 @@ def tune_tvm(
         previous = None
     db.mkdir(parents=True, exist_ok=True)
 
+    import_tensor_intrinsics()
     kernels = fuse_kernels(import_relax(model).mod, target)
     extracted = ms.relax_integration.extract_tasks(kernels, tune_target)
     if not extracted:
@@ -170,7 +199,8 @@ def tune_tvm(
             max_trials_global=trials,
             max_trials_per_task=per_task,
             num_trials_per_iter=min(64, per_task),
-            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=_TIMEOUT_S),
+            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=_TIMEOUT_S,
+                                            initializer=import_tensor_intrinsics),
             runner=ms.runner.LocalRunner(timeout_sec=_TIMEOUT_S, evaluator_config=ms.runner.EvaluatorConfig(
                 number=3, repeat=1, min_repeat_ms=20)),
             database=ms.database.JSONDatabase(work_dir=str(db)),

@@ -3,7 +3,7 @@
     nice -n 5 python bench/tvm_tuned.py [--out bench/results/tvm_tuned.json] [--trials-per-kernel 4]
                                         [--models resnet18_style,minilm] [--seq 32]
 
-Per model (``regc.zoo.resnet18_style``: 1x3x32x32; ``regc.zoo.minilm``: 1 sentence padded to --seq
+Per model after ``fold_bn`` (``regc.zoo.resnet18_style``: 1x3x32x32; ``regc.zoo.minilm``: 1 sentence padded to --seq
 tokens, static shapes): export ONNX (the baseline, onnxruntime CPU, 1 thread), lower with TVM for
 ``x86_64`` untuned, tune with ``regc.backends.tvm_tune.tune_tvm`` (trials = --trials-per-kernel x
 kernels), lower again with the database, and time each TVM build against onnxruntime with
@@ -18,10 +18,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TVM_NUM_THREADS", "1")  # before tvm is imported, here and in tuning workers
-
-# MetaSchedule imports TVM's tensor intrinsics, whose parser calls inspect.stack() per definition: its
-# cost grows with len(sys.modules), so import them before torch (minutes after it on a busy machine).
-import tvm.s_tir.tensor_intrin  # noqa: E402,F401  isort: skip
 
 import argparse
 import json
@@ -48,7 +44,8 @@ def static_model(name: str, seq: int) -> regc.Model:
     else:
         z = getattr(zoo, name)()
         inputs = tuple(t[:1] for t in z.example_inputs)
-    return regc.capture(z.module, inputs, input_names=z.input_names, output_names=z.output_names)
+    model = regc.capture(z.module, inputs, input_names=z.input_names, output_names=z.output_names)
+    return regc.compress(model, "fold_bn")  # onnxruntime folds BN into convs at load time too
 
 
 def run_model(name: str, trials_per_kernel: int, seq: int, work: Path) -> dict:
@@ -111,16 +108,21 @@ def main() -> None:
             t0 = time.perf_counter()
             results[name] = run_model(name, args.trials_per_kernel, args.seq, Path(tmp))
             results[name]["total_seconds"] = round(time.perf_counter() - t0, 1)
+            results[name]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
             print(name, json.dumps(results[name]), flush=True)
             write(args.out, results)  # after each model: a long run leaves what it finished
 
 
 def write(path: str, results: dict) -> None:
+    """Write ``results`` to ``path``, keeping the entries of models this run did not measure (each model
+    is tuned and timed in one run of its own; a ResNet run and a MiniLM run can share one file)."""
+    previous = json.loads(Path(path).read_text())["results"] if Path(path).exists() else {}
     out = {
-        "what": "TVM x86_64 (MetaSchedule-tuned and untuned) vs onnxruntime fp32, 1 thread, batch 1, one run",
+        "what": "TVM x86_64 (MetaSchedule-tuned and untuned) vs onnxruntime fp32, 1 thread, batch 1, "
+                "each model's numbers from one run",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_at_end": os.getloadavg()},
-        "results": results,
+        "results": {**previous, **results},
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=2) + "\n")

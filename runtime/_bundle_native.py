@@ -7,8 +7,9 @@ packages; for another one from the same versions' wheels for that platform, fetc
 (``$XDG_CACHE_HOME`` is honoured) and unpacked next to them. ``regc_run`` is compiled with the
 architecture's g++ against the ``tvm/ffi`` headers only (the wheel's ``tvm/runtime`` headers include
 one it does not ship) and linked to ``libtvm_runtime.so`` (it registers the ``.so`` module loader and
-the Relax VM), with ``$ORIGIN/lib`` as its library path. Built runners are cached by a hash of the
-source, the compiler and the library versions.
+the Relax VM), with ``$ORIGIN/lib`` as its library path. The single-file launcher (``regc_sfx.cc``)
+is linked statically and needs no TVM. Built executables are cached by a hash of the source, the
+compiler, the flags and the libraries.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from pathlib import Path
 from regc.errors import LoweringError
 from regc.files import sha256_file
 
-__all__ = ["ARCHES", "Arch", "NativeParts", "cache_dir", "fetch_wheels", "native_parts"]
+__all__ = ["ARCHES", "Arch", "NativeParts", "build_launcher", "cache_dir", "fetch_wheels", "native_parts"]
 
 RUNNER_SOURCE = Path(__file__).with_name("regc_run.cc")
+LAUNCHER_SOURCE = Path(__file__).with_name("regc_sfx.cc")
 LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 _DISTS = ("apache-tvm", "apache-tvm-ffi")
 
@@ -155,23 +157,38 @@ def _wheel_tree(a: Arch, cache: Path) -> tuple[Path, tuple[Path, ...]]:
 
 
 def _build_runner(a: Arch, cxx: str, include: Path, libs: tuple[Path, ...], cache: Path) -> Path:
-    """Compile ``regc_run.cc`` for ``a`` with ``cxx`` (cached by source, compiler and library hashes)."""
-    if not RUNNER_SOURCE.is_file():
-        raise LoweringError(f"{RUNNER_SOURCE} is missing (package data of regc.runtime); reinstall regc")
-    key = _digest(RUNNER_SOURCE.read_bytes().hex(), cxx, *(sha256_file(p) for p in libs))[:16]
-    out = cache / "runners" / f"regc_run-{a.name}-{key}"
+    """Compile ``regc_run.cc`` for ``a`` against the TVM headers and libraries (cached)."""
+    link_dirs = sorted({str(p.parent) for p in libs})
+    flags = ["-I", str(include), *(f"-L{d}" for d in link_dirs), "-Wl,--no-as-needed", "-ltvm_runtime",
+             "-ltvm_ffi", "-Wl,-rpath,$ORIGIN/lib"]
+    return _compile(a, cxx, RUNNER_SOURCE, flags, [sha256_file(p) for p in libs], cache)
+
+
+def build_launcher(arch: str, cache: Path | None = None) -> Path:
+    """The single-file bundle launcher (``regc_sfx.cc``) for ``arch``, linked statically (cached)."""
+    a = ARCHES[arch]
+    cxx = shutil.which(a.cxx)
+    if cxx is None:
+        raise LoweringError(f"building the launcher for {a.name} needs {a.cxx}: apt-get install {a.cxx_package}")
+    return _compile(a, cxx, LAUNCHER_SOURCE, ["-static", "-s"], [], cache or cache_dir())
+
+
+def _compile(a: Arch, cxx: str, source: Path, flags: list[str], key_parts: list[str], cache: Path) -> Path:
+    """Compile ``source`` for ``a`` with ``cxx`` and ``flags`` into ``cache/runners``, keyed by the source,
+    the compiler, the flags and ``key_parts`` (hashes of what it links); reuse a previous build."""
+    if not source.is_file():
+        raise LoweringError(f"{source} is missing (package data of regc.runtime); reinstall regc")
+    key = _digest(source.read_bytes().hex(), cxx, *flags, *key_parts)[:16]
+    out = cache / "runners" / f"{source.stem}-{a.name}-{key}"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    link_dirs = sorted({str(p.parent) for p in libs})
-    cmd = [cxx, "-std=c++17", "-O2", "-I", str(include), str(RUNNER_SOURCE), "-o", str(tmp),
-           *(f"-L{d}" for d in link_dirs), "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi",
-           "-Wl,-rpath,$ORIGIN/lib"]
+    cmd = [cxx, "-std=c++17", "-O2", str(source), "-o", str(tmp), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise LoweringError(f"compiling regc_run for {a.name} with {a.cxx} failed:\n{proc.stderr.strip()}")
+        raise LoweringError(f"compiling {source.name} for {a.name} with {a.cxx} failed:\n{proc.stderr.strip()}")
     tmp.rename(out)
     return out
 

@@ -100,16 +100,18 @@ class TvmRunner(Runner):
 
 def open_artifact(path: str | os.PathLike[str], *, threads: int = 1) -> Runner:
     """Open an ``.onnx`` file, a TVM folder (``regc compile -t TARGET``) or an edge bundle
-    (``regc export``); ``threads``: CPU threads."""
+    (``regc export``, a folder or a single file); ``threads``: CPU threads."""
     if not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file or folder")
-    from regc.runtime.bundle import BundleRunner, is_bundle  # bundle.py imports this module
+    from regc.runtime.bundle import BundleRunner, SingleFileRunner, is_bundle, is_single_file  # imports us
 
     if is_bundle(path):  # before the TVM check: a bundle also holds model.so and model.params
         return BundleRunner(path, threads)
+    if is_single_file(path):
+        return SingleFileRunner(path, threads)
     if path.is_file() and path.suffix.lower() == ".onnx":
         return OnnxRunner(path, threads)
     if path.is_dir() and any((path / f).exists() for f in (META_FILE, SO_FILE, PARAMS_FILE)):

@@ -10,6 +10,9 @@
       regc_run        the C++ runner (runtime/regc_run.cc) built for the target architecture
       lib/            libtvm_runtime.so, libtvm_ffi.so for the target architecture
 
+With ``--single-file`` the bundle is written as one executable instead (``regc.runtime._bundle_sfx``):
+``FILE IN_DIR OUT_DIR`` on the target.
+
 On the target, ``BUNDLE/regc_run BUNDLE IN_DIR OUT_DIR`` reads input i from ``IN_DIR/<i>.npy`` and
 writes output i to ``OUT_DIR/<i>.npy`` (i = position in the manifest's ``inputs``/``outputs``; .npy is
 numpy's format, little-endian, C order). ``regc_run`` checks every listed file against the manifest's
@@ -37,6 +40,7 @@ from regc.errors import ConfigError, LoweringError, ModelFormatError
 from regc.files import atomic_dir, sha256_file
 from regc.plugins import Command
 from regc.runtime._bundle_native import ARCHES, native_parts
+from regc.runtime._bundle_sfx import is_single_file, pack_single_file, read_manifest
 from regc.runtime.artifact import Runner
 
 __all__ = [
@@ -45,8 +49,10 @@ __all__ = [
     "RUNNER_FILE",
     "BundleRunner",
     "EXPORT_COMMAND",
+    "SingleFileRunner",
     "export_bundle",
     "is_bundle",
+    "is_single_file",
     "verify_bundle",
 ]
 
@@ -57,9 +63,11 @@ RUNNER_USAGE = "regc_run BUNDLE_DIR IN_DIR OUT_DIR: input i from IN_DIR/<i>.npy,
 
 
 def export_bundle(
-    source: Any, target: str, out: str | os.PathLike[str], *, cache: Path | None = None
+    source: Any, target: str, out: str | os.PathLike[str], *, single_file: bool = False,
+    cache: Path | None = None,
 ) -> Path:
-    """Write an edge bundle for ``target`` (``x86_64`` or ``aarch64``) to ``out``, atomically.
+    """Write an edge bundle for ``target`` (``x86_64`` or ``aarch64``) to ``out``, atomically: a folder,
+    or with ``single_file`` one executable that carries it (``regc.runtime._bundle_sfx``).
 
     ``source``: a ``regc.Model`` (lowered here), a ``TvmArtifact`` built for ``target``, a folder it
     was saved to (``regc compile -t TARGET`` writes ``OUT/TARGET/``), or such an ``OUT`` folder.
@@ -69,6 +77,12 @@ def export_bundle(
     if target not in ARCHES:
         raise ConfigError(f"bundle target '{target}' is not supported; choose one of {', '.join(ARCHES)}")
     out = Path(out)
+    if single_file:
+        if out.exists() and not is_single_file(out):
+            raise ConfigError(f"{out} exists and is not a regc single-file bundle; choose another -o or remove it")
+        with tempfile.TemporaryDirectory(prefix="regc-bundle-") as tmp:
+            folder = export_bundle(source, target, Path(tmp) / "bundle", cache=cache)
+            return pack_single_file(folder, verify_bundle(folder), out, cache)
     parts = native_parts(target, cache)  # before lowering: a missing compiler fails fast
     with atomic_dir(out, MANIFEST_FILE, "regc bundle") as stage:
         meta = _place_model(source, target, stage)
@@ -141,21 +155,42 @@ class BundleRunner(Runner):
         self.output_names = [s["name"] for s in self.manifest["outputs"]]
         self.prefix = _emulator(self.manifest["arch"])
 
-    def _run(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    def _command(self, in_dir: Path, out_dir: Path) -> tuple[list[str], dict[str, str]]:
+        """The command line that runs the model on ``in_dir`` into ``out_dir``, and its extra environment."""
         verify_bundle(self.path)
+        return [*self.prefix, str(self.path / RUNNER_FILE), str(self.path), str(in_dir), str(out_dir)], {}
+
+    def _run(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, ...]:
         with tempfile.TemporaryDirectory(prefix="regc-run-") as tmp:
             in_dir, out_dir = Path(tmp, "in"), Path(tmp, "out")
             in_dir.mkdir()
             out_dir.mkdir()
             for i, a in enumerate(arrays):
                 np.save(in_dir / f"{i}.npy", np.ascontiguousarray(a))
-            cmd = [*self.prefix, str(self.path / RUNNER_FILE), str(self.path), str(in_dir), str(out_dir)]
-            env = {**os.environ, "TVM_NUM_THREADS": str(self.threads)}
+            cmd, extra_env = self._command(in_dir, out_dir)
+            env = {**os.environ, **extra_env, "TVM_NUM_THREADS": str(self.threads)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 detail = proc.stderr.strip() or f"exit status {proc.returncode}"
-                raise ModelFormatError(f"{self.path}: {RUNNER_FILE} failed: {detail}")
+                raise ModelFormatError(f"{self.path}: {Path(cmd[len(self.prefix)]).name} failed: {detail}")
             return tuple(np.load(out_dir / f"{i}.npy") for i in range(len(self.output_names)))
+
+
+class SingleFileRunner(BundleRunner):
+    """Runs a single-file bundle; under qemu when its arch is foreign, the runner it extracts too
+    (``REGC_EXEC_PREFIX``). Its ``regc_run`` verifies the extracted files against the manifest."""
+
+    def __init__(self, path: Path, threads: int = 1):
+        self.path = path
+        self.manifest = read_manifest(path)
+        self.threads = threads
+        self.input_specs = [TensorSpec.from_json(s) for s in self.manifest["inputs"]]
+        self.output_names = [s["name"] for s in self.manifest["outputs"]]
+        self.prefix = _emulator(self.manifest["arch"])
+
+    def _command(self, in_dir: Path, out_dir: Path) -> tuple[list[str], dict[str, str]]:
+        return ([*self.prefix, str(self.path.resolve()), str(in_dir), str(out_dir)],
+                {"REGC_EXEC_PREFIX": " ".join(self.prefix)})
 
 
 # ---- the `regc export` command -----------------------------------------------------------------
@@ -163,7 +198,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="MODEL (.onnx or MODULE:FUNCTION, lowered here), or a 'regc compile -t "
                                   "TARGET' output folder (OUT or OUT/TARGET)")
     p.add_argument("-t", "--target", required=True, choices=sorted(ARCHES), help="the target's CPU")
-    p.add_argument("-o", "--output", required=True, help="bundle folder (written atomically)")
+    p.add_argument("-o", "--output", required=True, help="bundle folder, or file with --single-file "
+                                                         "(written atomically)")
+    p.add_argument("--single-file", action="store_true",
+                   help="write one executable that carries the bundle (extracts itself to $TMPDIR per run)")
 
 
 def _export_cmd(args: argparse.Namespace) -> int:
@@ -172,7 +210,11 @@ def _export_cmd(args: argparse.Namespace) -> int:
         from regc.cli import load_model_spec
 
         source = load_model_spec(args.source)
-    out = export_bundle(source, args.target, args.output)
+    out = export_bundle(source, args.target, args.output, single_file=args.single_file)
+    if args.single_file:
+        print(f"{out}: {args.target} single-file bundle, {out.stat().st_size / 1e6:.1f} MB; "
+              f"run on the target: {out} IN_DIR OUT_DIR")
+        return 0
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     size = sum((out / f).stat().st_size for f in manifest["files"])
     print(f"{out}: {args.target} bundle, {len(manifest['files'])} files, {size / 1e6:.1f} MB; "

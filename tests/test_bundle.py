@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
 import subprocess
 import tomllib
 from fnmatch import fnmatch
@@ -20,7 +21,8 @@ from regc.cli import main
 from regc.errors import ConfigError, LoweringError, ModelFormatError
 from regc.runtime import _bundle_native
 from regc.runtime.artifact import open_artifact
-from regc.runtime.bundle import BundleRunner, export_bundle
+from regc.runtime._bundle_sfx import pack_single_file, read_manifest
+from regc.runtime.bundle import BundleRunner, SingleFileRunner, export_bundle, verify_bundle
 from regc.zoo import bert_encoder, digits_cnn, digits_data
 
 _ELF_MACHINE = {"x86_64": 62, "aarch64": 183}  # e_machine in the ELF header
@@ -157,9 +159,80 @@ def test_export_and_run_cli_on_a_native_bundle(tmp_path, capsys):
     with np.load(tmp_path / "o.npz") as f:
         np.testing.assert_allclose(f["logits"], z.module(x).detach().numpy(), rtol=1e-5, atol=1e-5)
     check_elf(bundle / "regc_run", "x86_64")
+    one = tmp_path / "mlp.run"
+    assert main(["export", "regc.zoo:mlp", "-t", "x86_64", "-o", str(bundle), "--single-file"]) == 2
+    assert "exists and is not a regc single-file bundle" in capsys.readouterr().err
+    assert (bundle / "manifest.json").is_file()  # the folder it refused to overwrite is intact
+    assert main(["export", "regc.zoo:mlp", "-t", "x86_64", "-o", str(one), "--single-file"]) == 0
+    assert "x86_64 single-file bundle" in capsys.readouterr().out
+    assert main(["run", str(one), "--outputs", str(tmp_path / "o1.npz"), "--inputs", str(tmp_path / "in.npz")]) == 0
+    with np.load(tmp_path / "o.npz") as f, np.load(tmp_path / "o1.npz") as g:
+        np.testing.assert_array_equal(f["logits"], g["logits"])
     np.savez(tmp_path / "bad.npz", x=x.numpy().astype(np.float64))  # checked before the runner starts
     assert main([*run, str(tmp_path / "bad.npz")]) == 2
     assert "input 'x' has dtype float64, expected float32" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_single_file_bundle_runs_like_the_folder_and_cleans_up(bundles, tmp_path, monkeypatch):
+    _, inputs, x86, a64 = bundles("bert")
+    extract = tmp_path / "extract"
+    extract.mkdir()
+    monkeypatch.setenv("REGC_TMPDIR", str(extract))
+    for folder, arch in ((x86, "x86_64"), (a64, "aarch64")):
+        manifest = verify_bundle(folder)
+        one = pack_single_file(folder, manifest, tmp_path / f"bert-{arch}.run")
+        check_elf(one, arch)
+        payload = sum((folder / f).stat().st_size for f in [*manifest["files"], "manifest.json"])
+        assert payload < one.stat().st_size < payload + 2_000_000  # the launcher adds < 2 MB
+        assert read_manifest(one) == manifest
+        runner = open_artifact(one)
+        assert isinstance(runner, SingleFileRunner)
+        got, want = runner.run(inputs), open_artifact(folder).run(inputs)
+        np.testing.assert_array_equal(got["last_hidden_state"], want["last_hidden_state"])  # same binaries
+        assert list(extract.iterdir()) == []  # the extracted folder is removed after each run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["flip a weight byte", "truncate", "unsafe name"])
+def test_single_file_bundle_refuses_damage(bundles, tmp_path, damage):
+    _, inputs, x86, _ = bundles("bert")
+    one = pack_single_file(x86, verify_bundle(x86), tmp_path / "bert.run")
+    data = bytearray(one.read_bytes())
+    entries = _payload_entries(bytes(data))
+    if damage == "flip a weight byte":  # caught by regc_run's sha256 check of the extracted model.params
+        data[entries["model.params"][1] + 100] ^= 0x01
+        want = "model.params"
+    elif damage == "truncate":
+        data = data[:-100] + data[-24:]
+        want = "corrupt single-file bundle"
+    else:
+        at = entries["manifest.json"][0]
+        data[at:at + 13] = b"../../evil.sh"
+        want = "unsafe file name '../../evil.sh'"
+    one.write_bytes(bytes(data))
+    (tmp_path / "i").mkdir()
+    for i, name in enumerate(("input_ids", "attention_mask")):
+        np.save(tmp_path / "i" / f"{i}.npy", inputs[name])
+    proc = subprocess.run([str(one), str(tmp_path / "i"), str(tmp_path)], capture_output=True, text=True,
+                          env={"REGC_TMPDIR": str(tmp_path / "i")})
+    assert proc.returncode == 2 and want in proc.stderr, proc.stderr
+    assert not (tmp_path / "0.npy").exists() and not (tmp_path / "evil.sh").exists()
+    assert sorted(p.name for p in (tmp_path / "i").iterdir()) == ["0.npy", "1.npy"]  # nothing left behind
+
+
+def _payload_entries(data: bytes) -> dict[str, tuple[int, int]]:
+    """name -> (offset of the name, offset of the bytes) of each file in a single-file bundle."""
+    start, count, _, magic = struct.unpack("<QII8s", data[-24:])
+    assert magic == b"REGCSFX1"
+    found, at = {}, start
+    for _ in range(count):
+        (n,) = struct.unpack("<H", data[at:at + 2])
+        _, size = struct.unpack("<IQ", data[at + 2 + n:at + 14 + n])
+        found[data[at + 2:at + 2 + n].decode()] = (at + 2, at + 14 + n)
+        at += 14 + n + size
+    assert at == len(data) - 24
+    return found
 
 
 def _fake_bundle(folder: Path, arch: str) -> Path:

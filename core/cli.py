@@ -150,9 +150,9 @@ def cmd_compile(args) -> int:
 
 def _target_spec(text: str) -> tuple[str, dict[str, str]]:
     """``-t`` text in pipeline-step syntax: 'cuda{arch=sm_80}' -> ('cuda', {'arch': 'sm_80'})."""
-    from regc.pipeline import _split
+    from regc.pipeline import split_steps
 
-    steps = list(_split(text))
+    steps = list(split_steps(text))
     if len(steps) != 1:
         raise ConfigError(f"-t {text}: give one target, optionally with options, e.g. 'cuda{{arch=sm_80}}'")
     return steps[0]

@@ -21,7 +21,7 @@ from regc.errors import ConfigError, PipelineError, RegcError
 from regc.ir import Model
 from regc.registry import PassContext, PassInfo, Phase, get_pass
 
-__all__ = ["PassStep", "Pipeline", "parse_pipeline", "compress"]
+__all__ = ["PassStep", "Pipeline", "parse_pipeline", "compress", "split_steps"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
@@ -120,7 +120,7 @@ def parse_pipeline(text: str) -> Pipeline:
     if not isinstance(text, str) or not text.strip():
         raise PipelineError("empty pipeline: give passes like 'fold_bn,prune{ratio=0.3}' (see 'regc passes')")
     steps = []
-    for name, opts in _split(text.strip()):
+    for name, opts in split_steps(text.strip()):
         info = get_pass(name)
         steps.append(PassStep(info, info.make_config(opts)))
     p = Pipeline(tuple(steps))
@@ -140,7 +140,9 @@ def compress(model: Model, passes: "str | Pipeline", *, data: Any = None, ctx: P
     return model
 
 
-def _split(text: str) -> Iterable[tuple[str, dict[str, str]]]:
+def split_steps(text: str) -> Iterable[tuple[str, dict[str, str]]]:
+    """``'a{k=v},b'`` -> ``('a', {'k': 'v'}), ('b', {})``: names and raw option strings, syntax checked
+    (the pipeline grammar; ``-t cuda{arch=sm_80}`` uses it too)."""
     i, n = 0, len(text)
     while i < n:
         m = _NAME.match(text, i)

@@ -21,6 +21,7 @@ least `MIN_SPARSITY`) are packed, and only when the packed form is smaller.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -46,8 +47,8 @@ def pack_sparse_initializers(proto: onnx.ModelProto, model: Model) -> dict:
     Returns storage stats: per packed initializer its dense and packed bytes, and the totals.
     """
     graph = proto.graph
-    wanted = _sparse_tensors(model)
-    if not wanted:
+    wanted = _Wanted(_sparse_tensors(model))
+    if not wanted.tensors:
         return {}
     inputs = {i.name for i in graph.input}
     decode, layers, dtypes = [], {}, set()
@@ -55,7 +56,7 @@ def pack_sparse_initializers(proto: onnx.ModelProto, model: Model) -> dict:
         if init.data_type not in _FLOATS or init.name in inputs:
             continue
         arr = numpy_helper.to_array(init)
-        if not _is_wanted(init.name, arr, wanted):
+        if not wanted.holds(init.name, arr):
             continue
         flat = arr.reshape(-1)
         bits = flat != 0
@@ -95,12 +96,25 @@ def _sparse_tensors(model: Model) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def _is_wanted(name: str, arr: np.ndarray, wanted: list) -> bool:
-    """The initializer holds an annotated tensor: same name, or (renamed by the exporter) same contents."""
-    for target, w in wanted:
-        if w.shape == arr.shape and (name == target or np.array_equal(w.astype(arr.dtype), arr)):
+class _Wanted:
+    """The annotated tensors, found by name or (renamed by the exporter) by contents: a hash of the bytes
+    per dtype, so matching n initializers costs O(n) hashes instead of n x m array comparisons."""
+
+    def __init__(self, tensors: list[tuple[str, np.ndarray]]):
+        self.tensors = tensors
+        self.names = {target for target, _ in tensors}
+        self.digests: dict[np.dtype, set[tuple]] = {}
+
+    def holds(self, name: str, arr: np.ndarray) -> bool:
+        if name in self.names:
             return True
-    return False
+        if arr.dtype not in self.digests:
+            self.digests[arr.dtype] = {_digest(w.astype(arr.dtype)) for _, w in self.tensors}
+        return _digest(arr) in self.digests[arr.dtype]
+
+
+def _digest(a: np.ndarray) -> tuple:
+    return a.shape, hashlib.sha256(np.ascontiguousarray(a).tobytes()).digest()
 
 
 def _decode_nodes(graph: onnx.GraphProto, name: str, values: np.ndarray, packed: np.ndarray,

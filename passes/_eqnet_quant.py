@@ -13,8 +13,9 @@ calibration batch has min >= -1e-9 (post-ReLU), else signed. Gradients (straight
 
 with the LSQ gradient scale c = 1 / sqrt(Q_p N) applied through g(t) = (t - c t).detach() + c t
 (value t, gradient c; an autograd function here, so the value is t bit for bit). N = numel for a
-per-tensor scale and the elements of one channel for a per-channel scale (the official code divides
-by size(1), the input channels: not copied). The
+per-tensor scale and the elements of one channel for a per-channel scale (the official code uses
+2 / sqrt(Q_p numel / size(1)), dividing by the input channels: not copied; its constant factor 2
+would change nothing under Adam but the eps and the value clip). The
 official code's g returns |t|, which forces the offset beta >= 0; here beta keeps its sign and only
 s is taken as |s| (floored at 1e-8).
 

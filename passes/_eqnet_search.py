@@ -7,11 +7,13 @@ one bit-width down; then, while it is at most c - window, a random layer whose n
 the average <= c steps up. The upper bound c always holds after repair (when the lowest bit-width
 fits it); the lower bound holds unless no such step exists (a budget window the space cannot hit).
 
-Evolution (OFA / EQ-Net search): the population starts from repaired uniform draws (conditions and
-per-layer bits); each generation keeps the top ``parents`` fraction by predicted accuracy and fills
-the rest with children, half by mutation (every gene, conditions included, redrawn with probability
-``mutate_prob``) and half by uniform crossover of two random parents, each child repaired. The best
-predicted individual seen that meets the whole window is returned (if none does, the best one under c).
+Evolution (OFA / EQ-Net search, ``EvolutionFinder``): the population starts from ``population``
+repaired uniform draws (conditions and per-layer bits); each generation keeps the top ``parents``
+fraction P by predicted accuracy and adds ``population`` children: round(population / 2) by mutation
+of a random parent (every gene, conditions included, redrawn with probability ``mutate_prob``) and
+the rest by uniform crossover of two random parents, each child repaired; so a generation ranks
+P + population individuals (25 + 50 + 50 with the paper's population 100). The best predicted
+individual seen that meets the whole window is returned (if none does, the best one under c).
 """
 
 from __future__ import annotations
@@ -111,9 +113,8 @@ def evolve(sn: Supernet, score: Scorer, c: float, window: float, population: int
     for _ in range(generations):
         par = pop[:n_par]
         kids = []
-        n_kids = population - n_par
-        for k in range(n_kids):
-            if k < n_kids // 2 or n_par < 2:
+        for k in range(population):
+            if k < round(population / 2) or n_par < 2:
                 child = _mutate(sn, par[int(torch.randint(n_par, (1,), generator=g))], mutate_prob, g)
             else:
                 i, j = torch.randperm(n_par, generator=g)[:2].tolist()

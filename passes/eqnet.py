@@ -86,7 +86,8 @@ class EqnetConfig:
         budget_window: and > c - budget_window, > 0.
         population: genetic search population, >= 2.
         generations: genetic search generations, >= 0.
-        mutate_prob: probability that mutation redraws a gene, in [0, 1].
+        mutate_prob: probability that mutation redraws a gene, in [0, 1] (0.3: the value the official
+            search script passes; its EvolutionFinder reads 'arch_mutate_prob', default 0.1, instead).
     """
 
     bits: tuple[int, ...] = BITS
@@ -115,7 +116,7 @@ class EqnetConfig:
     budget_window: float = 0.5
     population: int = 100
     generations: int = 100
-    mutate_prob: float = 0.1
+    mutate_prob: float = 0.3
 
     def __post_init__(self):
         if not self.bits:
@@ -301,7 +302,7 @@ def eqnet(model: Model, config: EqnetConfig, ctx: PassContext) -> PassResult:
         config.generations, config.mutate_prob, g)
     uniform = {str(b): sn.accuracy(sn.uniform(b, best.w_channel, best.w_sym, best.a_sym), data.calib,
                                    data.batches, data.labels) for b in sn.space.bits}
-    measured = sn.accuracy(best, data.calib, data.batches, data.labels)  # leaves ``best`` set and recalibrated
+    measured = sn.accuracy(best, data.calib, data.batches, data.labels)  # leaves ``best`` set, recalibrated
     layers = sn.lower(best)
     w_avg, a_avg = sn.avg_bits(best)
     train = {k: v for k, v in summary.items() if k not in ("history", "spec")}

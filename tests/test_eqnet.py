@@ -202,6 +202,47 @@ def test_search_respects_the_bit_budget(cnn, fix_ends, budgets):
         EqnetConfig(bits=(4, 8), avg_bits=3.0)
 
 
+def test_each_generation_adds_population_children_to_the_parents(cnn):
+    sn, _ = _supernet(cnn.clone(), EqnetConfig(bits=(2, 4, 8), fix_ends=False))
+    sizes = []
+
+    def score(cfgs):
+        sizes.append(len(cfgs))
+        return torch.tensor([float(sum(c.w_bits)) for c in cfgs])
+
+    evolve(sn, score, 4.0, 0.5, 20, 3, 0.3, torch.Generator().manual_seed(0))
+    assert sizes == [20] + [5 + 20] * 3  # top 25% parents + 10 mutated + 10 crossed children (OFA / EQ-Net)
+    assert EqnetConfig().mutate_prob == 0.3  # what the official script means, not its shadowing default 0.1
+
+
+def test_one_step_clips_gradients_by_value_and_wdr_spares_the_first_layer(cnn):
+    """Plain SGD (lr 1, no momentum) moves each parameter by minus its clipped gradient; the same seed gives
+    the same batch and subnets, so WDR changes the step of every layer but the first."""
+    spec = TrainSpec(data=_dataset(256), steps=1, batch_size=64, optimizer="sgd", momentum=0.0, lr=1.0,
+                     progress=False)
+
+    def step(**kw) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model = cnn.clone()
+        config = EqnetConfig(bits=(2, 4, 8), fix_ends=False, **kw)
+        sn = build_supernet(model, config, eval_data(model, spec, 64, 64))
+        params = list(model.gm.parameters()) + [p for m in sn.wq + sn.aq for p in m.parameters()]
+        weights = [model.get_tensor(q.weight) for q in sn.layers]
+        before = [p.detach().clone() for p in params + weights]
+        train_supernet(sn, config, spec)
+        moves = [(p.detach() - b).abs() for p, b in zip(params + weights, before, strict=True)]
+        return moves[:len(params)], moves[len(params):]
+
+    clip = 1e-3
+    moves, _ = step(wdr=False, grad_clip_value=clip)
+    biggest = max(float(m.max()) for m in moves)
+    assert clip * (1 - 1e-4) < biggest <= clip * (1 + 1e-4)
+    _, plain = step(wdr=False, grad_clip_value=0.0)
+    _, wdr = step(wdr=True, wdr_strength=10.0, grad_clip_value=0.0)
+    assert max(float(m.max()) for m in plain) > clip  # the clip above was active
+    torch.testing.assert_close(wdr[0], plain[0], rtol=1e-5, atol=1e-8)
+    assert all((w - p).abs().max() > 1e-4 for w, p in zip(wdr[1:], plain[1:], strict=True))
+
+
 def test_predictor_encoding_and_kendall_tau(cnn):
     model = cnn.clone()
     sn, _ = _supernet(model, EqnetConfig(bits=(2, 4, 8), fix_ends=True))

@@ -149,11 +149,14 @@ class BundleRunner(Runner):
 
     def __init__(self, path: Path, threads: int = 1):
         self.path = path
-        self.manifest = verify_bundle(path)
+        self.manifest = self._manifest()
         self.threads = threads
         self.input_specs = [TensorSpec.from_json(s) for s in self.manifest["inputs"]]
         self.output_names = [s["name"] for s in self.manifest["outputs"]]
         self.prefix = _emulator(self.manifest["arch"])
+
+    def _manifest(self) -> dict[str, Any]:
+        return verify_bundle(self.path)
 
     def _command(self, in_dir: Path, out_dir: Path) -> tuple[list[str], dict[str, str]]:
         """The command line that runs the model on ``in_dir`` into ``out_dir``, and its extra environment."""
@@ -180,13 +183,8 @@ class SingleFileRunner(BundleRunner):
     """Runs a single-file bundle; under qemu when its arch is foreign, the runner it extracts too
     (``REGC_EXEC_PREFIX``). Its ``regc_run`` verifies the extracted files against the manifest."""
 
-    def __init__(self, path: Path, threads: int = 1):
-        self.path = path
-        self.manifest = read_manifest(path)
-        self.threads = threads
-        self.input_specs = [TensorSpec.from_json(s) for s in self.manifest["inputs"]]
-        self.output_names = [s["name"] for s in self.manifest["outputs"]]
-        self.prefix = _emulator(self.manifest["arch"])
+    def _manifest(self) -> dict[str, Any]:
+        return read_manifest(self.path)
 
     def _command(self, in_dir: Path, out_dir: Path) -> tuple[list[str], dict[str, str]]:
         return ([*self.prefix, str(self.path.resolve()), str(in_dir), str(out_dir)],

@@ -1,12 +1,12 @@
 """MetaSchedule-tuned TVM x86 builds against onnxruntime fp32, measured in one run.
 
     nice -n 5 python bench/tvm_tuned.py [--out bench/results/tvm_tuned.json] [--trials-per-kernel 4]
-                                        [--models resnet18_style,minilm] [--seq 32]
+                                        [--max-kernels N] [--models resnet18_style,minilm] [--seq 32]
 
 Per model after ``fold_bn`` (``regc.zoo.resnet18_style``: 1x3x32x32; ``regc.zoo.minilm``: 1 sentence padded to --seq
 tokens, static shapes): export ONNX (the baseline, onnxruntime CPU, 1 thread), lower with TVM for
 ``x86_64`` untuned, tune with ``regc.backends.tvm_tune.tune_tvm`` (trials = --trials-per-kernel x
-kernels), lower again with the database, and time each TVM build against onnxruntime with
+kernels tuned; --max-kernels keeps the heaviest by calls x FLOPs), lower again with the database, and time each TVM build against onnxruntime with
 ``regc.runtime.compare`` (calls interleaved, TVM at 1 thread: TVM_NUM_THREADS=1). Reported: median
 latencies, ratio = TVM / onnxruntime (goal: tuned <= 1.3), trials, tuning seconds, kernels covered,
 max abs output difference tuned vs onnxruntime. The machine is shared, so absolute numbers drift;
@@ -48,7 +48,7 @@ def static_model(name: str, seq: int) -> regc.Model:
     return regc.compress(model, "fold_bn")  # onnxruntime folds BN into convs at load time too
 
 
-def run_model(name: str, trials_per_kernel: int, seq: int, work: Path) -> dict:
+def run_model(name: str, trials_per_kernel: int, max_kernels: int | None, seq: int, work: Path) -> dict:
     model = static_model(name, seq)
     onnx_path = work / f"{name}.onnx"
     model.save(str(onnx_path))
@@ -67,9 +67,9 @@ def run_model(name: str, trials_per_kernel: int, seq: int, work: Path) -> dict:
 
     target = PRESETS["x86_64"].tvm_target()
     kernels = len(ms.relax_integration.extract_tasks(fuse_kernels(import_relax(model).mod, target), target))
-    trials = trials_per_kernel * kernels
+    trials = trials_per_kernel * min(kernels, max_kernels or kernels)
     t0 = time.perf_counter()
-    db = tune_tvm(model, trials=trials, db=work / f"{name}-db",
+    db = tune_tvm(model, trials=trials, db=work / f"{name}-db", max_kernels=max_kernels,
                   log=lambda s: print(f"  {name}: {s}", flush=True))
     tune_s = time.perf_counter() - t0
     tuned_art = lower_tvm(model, tuning_db=db.path)
@@ -79,6 +79,7 @@ def run_model(name: str, trials_per_kernel: int, seq: int, work: Path) -> dict:
     return {
         "inputs": {n: list(a.shape) for n, a in feeds.items()},
         "kernels": kernels,
+        "max_kernels": max_kernels,
         "trials": trials,
         "tuning_seconds": round(tune_s, 1),
         "kernels_tuned": tuned_art.meta.tuning_db["kernels_tuned"],
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/tvm_tuned.json")
     ap.add_argument("--models", default="resnet18_style,minilm")
     ap.add_argument("--trials-per-kernel", type=int, default=4)
+    ap.add_argument("--max-kernels", type=int, help="tune only the heaviest kernels (calls x FLOPs)")
     ap.add_argument("--seq", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -106,7 +108,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="regc-bench-tvm-") as tmp:
         for name in args.models.split(","):
             t0 = time.perf_counter()
-            results[name] = run_model(name, args.trials_per_kernel, args.seq, Path(tmp))
+            results[name] = run_model(name, args.trials_per_kernel, args.max_kernels, args.seq, Path(tmp))
             results[name]["total_seconds"] = round(time.perf_counter() - t0, 1)
             results[name]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
             print(name, json.dumps(results[name]), flush=True)

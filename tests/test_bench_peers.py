@@ -1,5 +1,6 @@
 """The peer bench (bench/run -> bench/peers/run.py): a --quick smoke run on the digits CNN with regc entries
-and onnxruntime's quantize_dynamic (always installed), and the report's Pareto/best logic on made-up rows."""
+and onnxruntime's quantize_dynamic (always installed), a regc entry that does not apply to its model
+(eqnet on the BERT encoder: reported, not failed), and the report's Pareto/best logic on made-up rows."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from peers import report  # noqa: E402
+from peers import regc_entries, report  # noqa: E402
+from peers.cases import bert  # noqa: E402
+
+import regc  # noqa: E402
+import regc.passes  # noqa: E402,F401 - registers the passes
 
 
 def check_row(row: dict, max_bytes: float, min_quality: float) -> None:
@@ -24,7 +29,8 @@ def check_row(row: dict, max_bytes: float, min_quality: float) -> None:
     assert row["bytes_ratio"] <= row["onnx_bytes_ratio"] + 1e-9, row  # the bitmask rule never adds bytes
     assert row["quality"] >= min_quality, row
     lat = row["latency"]
-    assert math.isfinite(lat["ratio"]) and 0.05 < lat["ratio"] < 50, row
+    # no upper bound: onnxruntime's dynamic int8 convs (ConvInteger) run 25-110x slower than fp32 here
+    assert math.isfinite(lat["ratio"]) and lat["ratio"] > 0.05, row
     assert lat["median_ms"] > 0 and lat["baseline_median_ms"] > 0 and lat["iters"] >= 3, row
     assert row["compress_s"] >= 0, row
 
@@ -62,6 +68,18 @@ def test_quick_run_writes_json_md_svg(tmp_path):
     circles = svg.findall(".//{http://www.w3.org/2000/svg}circle")
     assert len(circles) == len(rows)  # one marker per measured entry
     assert len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) == 1
+
+
+def test_entry_regc_refuses_is_not_applicable(tmp_path):
+    """eqnet ranks subnets by top-1 accuracy and refuses the encoder (no class logits) with a
+    ConfigError: the entry says "not applicable" with regc's reason instead of failing."""
+    case = bert(quick=True)
+    base = regc.capture(case.module, case.example_inputs, case.dynamic_shapes, input_names=case.input_names,
+                        output_names=case.output_names)
+    with pytest.raises(regc_entries.NotApplicable, match=r"\(batch, classes\) logits") as info:
+        regc_entries.make("regc:eqnet")(case, base, tmp_path / "eqnet.onnx")
+    assert info.value.status == "not applicable"
+    assert not (tmp_path / "eqnet.onnx").exists()
 
 
 def test_front_and_best_pick_the_right_entries():

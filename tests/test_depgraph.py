@@ -165,6 +165,40 @@ def test_unknown_op_is_a_barrier_with_warning():
     torch.testing.assert_close(model.run(*model.example_inputs)[0], ref, rtol=1e-5, atol=1e-6)
 
 
+class PositionIdNet(torch.nn.Module):
+    """Token + position embeddings whose position ids are a buffer sliced to the sequence length
+    (as in Hugging Face BERT and MiniLM), then an FFN."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = torch.nn.Embedding(50, 16)
+        self.pos = torch.nn.Embedding(32, 16)
+        self.register_buffer("position_ids", torch.arange(32)[None], persistent=False)
+        self.up = torch.nn.Linear(16, 24)
+        self.down = torch.nn.Linear(24, 16)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(self.position_ids[:, : ids.shape[1]])
+        return self.down(torch.relu(self.up(h)))
+
+
+def test_sliced_constant_buffer_carries_no_channels():
+    """A slice of a constant buffer (the position ids) has no channel labels: removal rewrites the
+    slices of activations only and leaves it as it is (it raised KeyError on the buffer's node)."""
+    torch.manual_seed(0)
+    model = regc.capture(PositionIdNet(), (torch.randint(0, 50, (2, 8)),))
+    assert any(n.target is torch.ops.aten.slice.Tensor for n in model.call_nodes())
+    dg = build_depgraph(model)
+    assert sorted(g.layers for g in dg.groups) == [["pos.weight", "tok.weight"], ["up.weight"]]
+    chosen = _zero_units(model, dg)
+    ref = model.run(*model.example_inputs)[0]
+    dg.remove(chosen)
+    model.verify()
+    assert model.get_tensor("up.weight").shape == (12, 8)
+    assert model.get_tensor("position_ids").shape == (1, 32)
+    torch.testing.assert_close(model.run(*model.example_inputs)[0], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_pruned_model_keeps_dynamic_batch():
     model = capture_zoo("bert_encoder")
     dg = build_depgraph(model)

@@ -11,6 +11,9 @@ Pipelines (CNNs get the exact ``fold_bn`` first; ``Case.options`` may override a
                     removes the zeroed units (fine-tunes), when ``regc passes`` lists it
     eqnet           elastic mixed-precision quantization, a short search (EQNET), when listed
     prune+fwsvd+quant   the three combined
+
+A pipeline that regc refuses for the model with a ``ConfigError`` (eqnet on an encoder without class
+logits) is reported as "not applicable" with regc's reason, not as a failure.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from peers.cases import Case
 
 import regc
+from regc.errors import ConfigError
 from regc.registry import PassContext, all_passes
 from regc.train import TrainSpec
 
@@ -45,7 +49,16 @@ TRAINS = {"issp", "wgsef", "eqnet"}
 
 
 class Skip(Exception):
-    """An entry that cannot run here; the message says why (printed and kept in the JSON)."""
+    """An entry that cannot run here; the message says why (printed and kept in the JSON as ``reason``,
+    ``status`` naming the kind of skip)."""
+
+    status = "skipped"
+
+
+class NotApplicable(Skip):
+    """The entry's method does not apply to this model: regc refused the pipeline (``ConfigError``)."""
+
+    status = "not applicable"
 
 
 def pipeline_text(case: Case, steps: list[tuple[str, str]]) -> str:
@@ -69,11 +82,15 @@ def make(name: str) -> Callable[[Case, regc.Model, Path], dict]:
         if missing:
             raise Skip(f"pass {missing[0]!r} is not registered (`regc passes` does not list it)")
         text = pipeline_text(case, steps)
+        pipeline = regc.Pipeline.parse(text)  # outside the try: a bad option in the bench stays a failure
         data = dataset(case)
         train = TrainSpec(data=data, optimizer="adam", lr=1e-4 if case.transformer else 1e-3,
                           steps=case.train_steps, batch_size=16, schedule="cosine", progress=False)
         t0 = time.perf_counter()
-        model, _ = regc.Pipeline.parse(text).run(base.clone(), PassContext(data=data, train=train))
+        try:
+            model, _ = pipeline.run(base.clone(), PassContext(data=data, train=train))
+        except ConfigError as e:
+            raise NotApplicable(str(e)) from e
         seconds = time.perf_counter() - t0
         model.save(str(out))
         trains = any(p in TRAINS for p, _ in steps)

@@ -54,7 +54,8 @@ def markdown(result: dict) -> str:
     for model, m in result["models"].items():
         unit = "accuracy" if m["metric"] == "accuracy" else "cosine to fp32"
         lines += [f"## {model} ({unit}; fp32 quality {m['fp32_quality']:.4f}, "
-                  f"{m['fp32_weight_bytes']} weight bytes; latency batch {m['latency_batch']})", "",
+                  f"{m['fp32_weight_bytes']} weight bytes; latency batch {m['latency_batch']}; "
+                  f"{m['total_s']:.0f} s in all)", "",
                   "| entry | bytes | onnx | quality (min) | latency | compress s | trains | config |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in m["entries"]:

@@ -11,6 +11,10 @@ peers.torch_peers) compresses it, and peers.measure scores the result the same w
 same process, 1 thread) and the seconds the compression took. ``fp32`` is timed against itself: its
 ratio shows the noise of the latency measurement. Writes peers.json, peers.md and peers_pareto.svg
 (peers.report). --quick: smaller calibration sets, fewer training steps and shorter timings.
+
+Progress: one line per entry as it finishes (its result and its wall seconds: compression, export,
+quality and latency), and one per model with its wall seconds (``total_s`` per model in the JSON; the
+run's own ``total_s`` includes the peers' setup).
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from peers import onnx_peers, regc_entries, report, torch_peers  # noqa: E402
 from peers.cases import CASES, Case  # noqa: E402
 from peers.measure import (  # noqa: E402
     TorchRunner,
-    export,
     latency,
     onnx_bytes,
     onnx_predict,
@@ -60,14 +63,14 @@ def selected(names: list[str], patterns: str | None) -> list[str]:
 
 
 def run_case(case: Case, entries: list[str], tmp: Path, budget_s: float) -> dict:
+    base = regc.capture(case.module, case.example_inputs, case.dynamic_shapes, input_names=case.input_names,
+                        output_names=case.output_names)
     fp32 = tmp / f"{case.name}.fp32.onnx"
-    export(case, case.module, fp32)
+    base.save(str(fp32))  # the fp32 baseline: the same capture every regc entry starts from
     case.reference = onnx_predict(fp32)(case.eval_feed)
     fp32_quality, _ = case.quality(onnx_predict(fp32))
     fp32_bytes = onnx_bytes(fp32)
     fp32_torch_bytes = torch_bytes(case.module)
-    base = regc.capture(case.module, case.example_inputs, case.dynamic_shapes, input_names=case.input_names,
-                        output_names=case.output_names)
     torch_fp32 = TorchRunner(case.module, case)
     rows = []
     for name in ["fp32", *entries]:
@@ -100,7 +103,7 @@ def run_case(case: Case, entries: list[str], tmp: Path, budget_s: float) -> dict
                        latency=latency(*lat_args, case, budget_s), latency_backend=backend,
                        compress_s=round(got["seconds"], 2))
         except Skip as e:
-            row.update(status="skipped", reason=str(e))
+            row.update(status=e.status, reason=str(e))
         except Exception as e:  # noqa: BLE001 - one failing entry must not end the bench; it is reported
             first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [""])[0])[:200]
             row.update(status="failed", reason=f"{type(e).__name__}: {first}")
@@ -108,10 +111,10 @@ def run_case(case: Case, entries: list[str], tmp: Path, budget_s: float) -> dict
         rows.append(row)
         if row["status"] == "ok":
             print(f"  {name:24s} bytes {row['bytes_ratio']:.3f}  quality {row['quality']:.4f}  latency "
-                  f"{row['latency']['ratio']:.2f}x ({backend})  compress {row['compress_s']:.1f}s",
-                  flush=True)
+                  f"{row['latency']['ratio']:.2f}x ({backend})  compress {row['compress_s']:.1f}s  "
+                  f"[{row['wall_s']:.0f} s]", flush=True)
         else:
-            print(f"  {name:24s} {row['status']}: {row['reason']}", flush=True)
+            print(f"  {name:24s} {row['status']}: {row['reason']}  [{row['wall_s']:.0f} s]", flush=True)
     return {"metric": case.metric, "fp32_quality": round(fp32_quality, 5), "fp32_weight_bytes": fp32_bytes[1],
             "latency_batch": len(next(iter(case.latency_feed.values()))), "setup_s": round(case.setup_s, 1),
             "entries": rows,
@@ -144,13 +147,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for name in models:
             print(f"{name}:", flush=True)
+            t0 = time.perf_counter()
             try:
                 case = CASES[name](args.quick)
             except Exception as e:  # noqa: BLE001 - e.g. the MiniLM package missing: skip the model
                 print(f"  skipped: {type(e).__name__}: {e}", flush=True)
                 result["models"][name] = {"skipped": f"{type(e).__name__}: {e}"}
                 continue
-            result["models"][name] = run_case(case, entries, Path(d), 0.3 if args.quick else 1.5)
+            m = run_case(case, entries, Path(d), 0.3 if args.quick else 1.5)
+            m["total_s"] = round(time.perf_counter() - t0, 1)
+            result["models"][name] = m
+            print(f"  {name}: {m['total_s']:.0f} s (setup {m['setup_s']:.0f} s)", flush=True)
     models_run = list(result["models"].items())
     result["skipped_models"] = {k: v.pop("skipped") for k, v in models_run if "skipped" in v}
     result["models"] = {k: v for k, v in result["models"].items() if v}

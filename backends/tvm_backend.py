@@ -10,14 +10,22 @@ order, target, versions, sha256 of ``model.so``, tuned or untuned). Buffers and 
 (BatchNorm statistics, packed weights a pass stored as buffers) are lifted to parameters first, so
 no weight is baked into the code and one ``.so`` serves many weight sets.
 
-Compressed weights stay compressed: a weight that ``quant`` stored as int8 codes ``q`` with
-per-channel scales ``s`` (and zero points ``z``) is read by the graph as ``w = (q - z) * s``. That
-formula is decomposed into elementwise Relax ops on the int8 parameter, and ``fuse_kernels`` merges
-that decoding kernel into the kernel that consumes ``w`` (e.g. the matmul): ``model.params`` holds
-``q`` (1 byte per weight, not 4) and no float copy of ``w`` is stored. regc's own decoding ops
-(``regc::*`` custom ops, e.g. 4-bit codes packed two per byte) are decomposed from their torch
-bodies (bit shifts rewritten as integer arithmetic), so their packed weights reach ``model.params``
-packed too; their decoding is not yet merged into the consumer (it runs as its own kernel).
+Compressed weights stay compressed: ``model.params`` holds the codes and the graph decodes them.
+A weight that ``quant`` stored as int8 codes ``q`` with per-channel scales ``s`` (and zero points
+``z``) is read as ``w = (q - z) * s``; regc's own decoding ops (``regc::*`` custom ops: 4-bit codes
+packed two per byte, ``w = s_g (u - 8)``; RF8 codes, ``w = (-1)^s M[r] 2^(e + bias)``) are decomposed
+from their torch bodies (bit shifts rewritten as integer arithmetic, the RF8 mantissa computed, not
+looked up), so every decode reaches Relax as elementwise ops on an integer parameter. Then:
+
+- ``fuse_kernels`` merges each decoding kernel into the kernel that consumes ``w`` (matmul, conv,
+  gather): no kernel of its own writes ``w``;
+- on CPU, builds schedule that merged kernel (``_schedule_weight_decode``) so the matmul/conv decodes
+  one output channel's slice ``w[n, :]`` at a time right before using it, and a gather decodes just the
+  rows it reads: the float weight exists only as a K-element temporary (tuned kernels keep the
+  tuner's schedule, GPU kernels get dlight's defaults).
+
+``model.params`` then holds 1 byte per weight for int8 and RF8 and half a byte for 4-bit codes, plus
+scales, and no float copy of ``w``.
 
 Builds are untuned unless a database from ``regc tune`` is given (ARCHITECTURE.md section 5); the
 ``cuda`` preset schedules every kernel with dlight's default GPU rules and compiles with nvcc.
@@ -479,14 +487,14 @@ def fuse_kernels(mod: Any, target: Any) -> Any:
     what ``lower_tvm`` schedules and compiles (so the tuning keys match the build).
 
     TVM's default fusion (FuseOps) then one more: each weight-decoding kernel (elementwise math on
-    integer weights, e.g. ``(q - z) * s``) is merged into the kernel that consumes its result.
+    integer weights and constants, e.g. ``(q - z) * s``, a 4-bit unpack, the RF8 decode) is merged into
+    the kernel that consumes its result, so the kernels that read codes are the matmuls/convs/gathers
+    themselves. Models without integer weights get TVM's default fusion unchanged.
     """
     import tvm
     from tvm import relax
 
-    main = mod["main"]
-    num_input = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else 0
-    weights = {p.name for p in main.params[num_input:]}  # not the model's own (integer) inputs
+    weights = _weight_names(mod["main"])
     with target:
         return tvm.transform.Sequential([
             *_backend_pipeline(target).library_dispatch_passes(target),
@@ -501,15 +509,17 @@ def fuse_kernels(mod: Any, target: Any) -> Any:
 
 
 def _finish_pipeline(target: Any) -> Any:
-    """The rest of ``relax.build`` after ``fuse_kernels`` (and a tuning database): GPU kernels not
-    scheduled yet get dlight's defaults, then TVM's own lowering and finalization."""
+    """The rest of ``relax.build`` after ``fuse_kernels`` (and a tuning database): kernels not scheduled
+    yet get dlight's defaults on GPUs, ``_schedule_weight_decode`` on CPUs, then TVM's own lowering and
+    finalization."""
     import tvm
     from tvm.s_tir import dlight as dl
 
     backend = _backend_pipeline(target)
     gpu = target.kind.name == "cuda"
     schedule = [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())] if gpu else []
+                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())] if gpu else [
+        _schedule_weight_decode()]
 
     @tvm.transform.module_pass(opt_level=0, name="regc_finish")
     def finish(mod: Any, _ctx: Any) -> Any:
@@ -536,17 +546,37 @@ _MAX_CONSUMER_ARGS = 6
 _MAX_DECODE_ARGS = 4
 
 
+def _weight_side(arg: Any, weights: set[str]) -> bool:
+    """Whether a call argument does not depend on the activations: a weight parameter (name in
+    ``weights``), a constant, or a scalar (a symbolic shape size, e.g. the batch a weight is broadcast to)."""
+    import tvm
+    from tvm import relax
+
+    scalar = not isinstance(arg.ty, relax.TensorType)
+    return isinstance(arg, tvm.ir.Constant) or scalar or _weight(arg, weights)
+
+
+def _integer_weight(arg: Any, weights: set[str]) -> bool:
+    """Whether a call argument is a weight parameter stored as integers (codes)."""
+    return _weight(arg, weights) and "int" in str(arg.ty.dtype)
+
+
+def _weight(arg: Any, weights: set[str]) -> bool:
+    """Whether a call argument is one of ``main``'s weight parameters (names in ``weights``)."""
+    from tvm import relax
+
+    return isinstance(arg, relax.Var) and not isinstance(arg, relax.DataflowVar) and arg.name in weights
+
+
 def _decode_patterns(weights: set[str]) -> list[Any]:
-    """``call_tir(consumer, (..., call_tir(decode, weights...), ...))`` for every argument position,
-    where ``decode`` reads only weight parameters (names in ``weights``), one of them an integer tensor."""
+    """``call_tir(consumer, (..., call_tir(decode, args...), ...))`` for every argument position, where
+    ``decode``'s arguments are all weight-side (``_weight_side``), at least one an integer weight."""
     from tvm import relax
     from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
 
-    def reads_integer_weights(ctx: Any) -> bool:
+    def decodes_integer_weights(ctx: Any) -> bool:
         args = ctx.annotated_expr["decode"].args[1].fields
-        return all(isinstance(a, relax.Var) and not isinstance(a, relax.DataflowVar) and a.name in weights
-                   for a in args) and any(
-            "int" in str(getattr(a.ty, "dtype", "")) for a in args)
+        return all(_weight_side(a, weights) for a in args) and any(_integer_weight(a, weights) for a in args)
 
     patterns = []
     for n_decode in range(1, _MAX_DECODE_ARGS + 1):
@@ -560,8 +590,111 @@ def _decode_patterns(weights: set[str]) -> list[Any]:
                 consumer = is_op("relax.call_tir")(
                     GlobalVarPattern(), TuplePattern(args), add_constraint=False)
                 patterns.append(relax.transform.FusionPattern(
-                    "regc.decoded_weight", consumer, {"decode": decode}, reads_integer_weights))
+                    "regc.decoded_weight", consumer, {"decode": decode}, decodes_integer_weights))
     return patterns
+
+
+def _schedule_weight_decode() -> Any:
+    """A module pass: in each kernel that ``main`` calls with an integer weight and that no tuning
+    database scheduled, move the decode into the block that reads the decoded weight
+    (``_decode_at_consumer``)."""
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    @tvm.transform.module_pass(opt_level=0, name="regc_schedule_weight_decode")
+    def schedule(mod: Any, _ctx: Any) -> Any:
+        main = mod["main"]
+        weights, done = _weight_names(main), set()
+        for binding in (b for block in main.body.blocks for b in block.bindings):
+            call = binding.value
+            if not (isinstance(call, relax.Call) and call.op.same_as(call_tir)):
+                continue
+            args, kernel = call.args[1].fields, call.args[0]
+            func = mod[kernel]
+            tuned = func.attrs is not None and "tirx.is_scheduled" in func.attrs
+            if any(_integer_weight(a, weights) for a in args) and not tuned and kernel.name_hint not in done:
+                # the kernel's parameters are the call's arguments, then its outputs
+                fixed = [p for p, a in zip(func.params, args, strict=False) if _weight_side(a, weights)]
+                mod[kernel] = _decode_at_consumer(func, fixed)
+                done.add(kernel.name_hint)  # layers of the same shape share one kernel
+        return mod
+
+    return schedule
+
+
+def _decode_at_consumer(func: Any, sources: list[Any]) -> Any:
+    """``func`` with its decode (the spatial blocks that read only ``sources`` or what such blocks
+    write) moved into the block that reads the decoded weight ``w``:
+
+    - the decode's inner steps (unpack, scale, transpose, ...) are inlined into its last one, which
+      then computes ``w`` from the codes element by element;
+    - a consumer without a reduction (a gather) gets that last step inlined too: it decodes just the
+      elements it reads;
+    - a reduction (matmul, conv) gets its loops over ``w``'s output axes moved outermost, and computes
+      the slice of ``w`` it needs under the innermost of them: for y = x w^T, w[n, :] (K values) is
+      decoded once per output channel n and reused by every row of x. Decoding each element where
+      it is read would instead redo it for every row (measured 2.5-18x slower untuned, digits CNN).
+
+    A step TVM's schedule primitives refuse stays as it was: a loop nest of its own, still correct.
+    """
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    derived, outputs, steps = set(sources), set(func.params), []
+    for rv in sch.get_child_blocks(sch.get_sblock("root")):
+        block = sch.get(rv)
+        written = {w.source for w in block.writes}
+        if _spatial(block) and {r.source for r in block.reads} <= derived and not written & outputs:
+            derived |= written
+            steps.append(rv)
+    names = {sch.get(rv).name_hint for rv in steps}
+    for rv in steps:
+        consumers = sch.get_consumers(rv)
+        try:
+            if all(sch.get(c).name_hint in names for c in consumers):
+                sch.compute_inline(rv)
+            elif len(consumers) == 1 and _spatial(sch.get(consumers[0])):
+                sch.compute_inline(rv)
+            elif len(consumers) == 1:
+                _compute_under_output_loops(sch, rv, consumers[0])
+        except s_tir.ScheduleError:
+            pass  # the step stays a loop nest of its own
+    return sch.mod["main"]
+
+
+def _compute_under_output_loops(sch: Any, producer: Any, consumer: Any) -> None:
+    """Reorder ``consumer``'s loops so that the spatial ones indexing ``producer``'s buffer come first,
+    and compute ``producer`` under the innermost of them (only the slice those loops select)."""
+    from tvm import tirx
+
+    block = sch.get(consumer)
+    buffer = sch.get(producer).writes[0].source
+    region = next(r.region for r in block.reads if r.source.same_as(buffer))
+    used = {v for rng in region for v in tirx.analysis.undefined_vars(rng.min, [])}
+    loops = sch.get_loops(consumer)
+    if len(loops) != len(block.iter_vars):
+        return
+    outer = [i for i, v in enumerate(block.iter_vars)
+             if v.iter_type == tirx.IterVar.DataPar and v.var in used]
+    if not outer:
+        return
+    sch.reorder(*[loops[i] for i in outer], *[loops[i] for i in range(len(loops)) if i not in outer])
+    sch.compute_at(producer, loops[outer[-1]])
+
+
+def _spatial(block: Any) -> bool:
+    """Whether a TIR block has no reduction axis."""
+    from tvm import tirx
+
+    return all(v.iter_type == tirx.IterVar.DataPar for v in block.iter_vars)
+
+
+def _weight_names(main: Any) -> set[str]:
+    """Names of ``main``'s weight parameters (those after its ``num_input`` inputs)."""
+    num_input = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else 0
+    return {p.name for p in main.params[num_input:]}  # not the model's own (integer) inputs
 
 
 def tvm_versions() -> dict[str, str]:

@@ -51,10 +51,19 @@ def encode(w: torch.Tensor, bias: int) -> torch.Tensor:
 
 
 def decode(codes: torch.Tensor, bias: int | float | torch.Tensor) -> torch.Tensor:
-    """float32 values of uint8 ``codes`` (the reference the ONNX function body mirrors)."""
-    c = codes.long()
-    mant = torch.tensor(MANTISSAS, dtype=torch.float32)[c & 7]
-    mag = mant * torch.exp2(((c >> 3) & 15).float() + torch.as_tensor(bias, dtype=torch.float32))
+    """float32 values of uint8 ``codes`` (the reference the ONNX function body mirrors).
+
+    The mantissa is computed, not looked up, so the body is elementwise arithmetic only (a constant
+    table would be a tensor created inside the op, which TVM's import of the op body cannot take):
+        M[0] = 1,  M[r] = 1 - 2^-d if r odd and r > 1, else 1 + 2^-d,  d = floor((r + 2) / 2),
+    equal to ``MANTISSAS[r]`` (powers of two and their sums are exact in float32).
+    """
+    c = codes.to(torch.int32)
+    r = c & 7
+    step = torch.pow(2.0, -((r + 2) // 2).float())
+    mant = torch.where(((r & 1) == 1) & (r > 1), 1.0 - step, 1.0 + step)
+    mant = torch.where(r == 0, torch.ones_like(mant), mant)
+    mag = mant * torch.pow(2.0, ((c >> 3) & 15).float() + torch.as_tensor(bias, dtype=torch.float32))
     val = torch.where((c >> 7) == 1, -mag, mag)
     return torch.where(c == ZERO_CODE, torch.zeros_like(val), val)
 

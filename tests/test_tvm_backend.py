@@ -289,20 +289,3 @@ def test_cli_target_options_use_pipeline_syntax():
     assert _target_spec("x86_64") == ("x86_64", {})
     with pytest.raises(ConfigError, match="give one target"):
         _target_spec("cuda,x86_64")
-
-
-def test_4bit_weights_reach_model_params_packed():
-    """quant bits=4 stores codes two per byte and decodes them with bit shifts: TVM gets them as
-    integer arithmetic on the packed uint8 parameter (the decode runs as its own kernel for now)."""
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
-    model = make_model(mlp, (torch.randn(4, 64),))
-    quantized = regc.compress(model.clone(), "quant{acts=none,speed_check=false,bits=4}")
-    art = lower_tvm(quantized)
-    packed = [t for t in art.params.values() if str(t.dtype) in ("uint8", "int8")]
-    assert sum(t.numpy().nbytes for t in packed) == 64 * 256  # 2 x 64 x 256 weights, half a byte each
-    assert max(t.numpy().size for t in art.params.values() if str(t.dtype) == "float32") < 64 * 256 / 8
-    x = torch.randn(4, 64)
-    got, want = art(x).numpy(), quantized(x).detach().numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
-    assert float(np.abs(got - model(x).detach().numpy()).max()) > 1e-3  # really 4-bit weights

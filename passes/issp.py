@@ -69,9 +69,13 @@ def shrink_set(w: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None
     M consecutive weights along each row (rows along ``rows_dim``), the M - N smallest."""
     a = w.detach().abs()
     if pattern is None:
-        k = min(math.ceil(sparsity * a.numel()), a.numel() - 1)
-        out = torch.zeros(a.numel(), dtype=torch.bool)
-        out[torch.argsort(a.reshape(-1), stable=True)[:k]] = True
+        flat = a.reshape(-1)
+        k = min(math.ceil(sparsity * flat.numel()), flat.numel() - 1)
+        if k == 0:
+            return torch.zeros_like(a, dtype=torch.bool)
+        t = torch.kthvalue(flat, k).values  # O(n) selection, not a sort: this runs every step
+        out = flat < t
+        out[(flat == t).nonzero().squeeze(1)[: k - int(out.sum())]] = True  # ties: lowest index first
         return out.reshape(a.shape)
     n, m = pattern
     rows = a.movedim(rows_dim, 0).reshape(a.shape[rows_dim], -1)

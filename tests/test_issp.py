@@ -103,3 +103,11 @@ def test_pass_reaches_sparsity_and_reports_storage(nm):
     assert torch.equal(ann["mask"], w != 0) and ann["pattern"] == (nm or "unstructured")
     assert stats["layers"]["b.weight"]["nonzero"] == int((w != 0).sum())
     assert stats["storage"]["compression"] == pytest.approx(1024 / (4 * int((w != 0).sum()) + 32), rel=1e-3)
+
+
+def test_shrink_set_takes_the_smallest_magnitudes_and_breaks_ties_by_index():
+    w = torch.tensor([3.0, -1.0, 1.0, 0.0, 1.0, -2.0, 1.0])
+    # ceil(0.5 * 7) = 4 weights: the 0, then three of the four |w| = 1 ties, lowest index first
+    assert shrink_set(w, 0.5, None).tolist() == [False, True, True, True, True, False, False]
+    assert not shrink_set(w, 0.0, None).any()
+    assert shrink_set(w, 1.0, None).sum() == 6  # at least one weight always survives

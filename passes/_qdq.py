@@ -33,7 +33,8 @@ from regc.plugins import register_onnx_translation
 
 qd = torch.ops.quantized_decomposed
 
-__all__ = ["quantize_weight", "act_qparams", "fake_quant_static", "dynamic_fake_quant", "weight_node",
+__all__ = ["quantize_weight", "act_qparams", "fake_quant_static", "dynamic_fake_quant", "dynamic_quantize",
+           "linear_int8", "weight_node",
            "static_qdq_node", "dynamic_qdq_node", "free_name", "pack_int4", "unpack_int4",
            "quantize_groups", "quantize_groups_asym", "pack_rows", "unpack_rows", "matmul_nbits",
            "gather_int4"]
@@ -75,14 +76,20 @@ def fake_quant_static(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
     return qd.dequantize_per_tensor.default(q, scale, zp, 0, 255, torch.uint8)
 
 
-@torch.library.custom_op("regc::dynamic_fake_quant", mutates_args=())
-def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """uint8 quantize-dequantize with the range of ``x`` itself (ONNX DynamicQuantizeLinear + DQ)."""
+def _dynamic_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 codes (as float), scale and zero point of ``x`` over its own range (DynamicQuantizeLinear)."""
     lo = torch.clamp(x.min(), max=0.0)
     hi = torch.clamp(x.max(), min=0.0)
     scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
     zp = torch.clamp(torch.round(-lo / scale), 0, 255)
-    return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+    return torch.clamp(torch.round(x / scale) + zp, 0, 255), scale, zp
+
+
+@torch.library.custom_op("regc::dynamic_fake_quant", mutates_args=())
+def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """uint8 quantize-dequantize with the range of ``x`` itself (ONNX DynamicQuantizeLinear + DQ)."""
+    q, scale, zp = _dynamic_codes(x)
+    return (q - zp) * scale
 
 
 @dynamic_fake_quant.register_fake
@@ -96,6 +103,63 @@ def _dynamic_fake_quant_onnx(x):
 
 
 register_onnx_translation(torch.ops.regc.dynamic_fake_quant.default, _dynamic_fake_quant_onnx)
+
+
+@torch.library.custom_op("regc::dynamic_quantize", mutates_args=())
+def dynamic_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 codes, float scale and uint8 zero point of ``x`` over its own range (DynamicQuantizeLinear)."""
+    q, scale, zp = _dynamic_codes(x)
+    return q.to(torch.uint8), scale.float(), zp.to(torch.uint8)
+
+
+@dynamic_quantize.register_fake
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty_like(x, dtype=torch.uint8), x.new_empty([]), x.new_empty([], dtype=torch.uint8))
+
+
+def _dynamic_quantize_onnx(x):
+    return op.DynamicQuantizeLinear(x)
+
+
+register_onnx_translation(torch.ops.regc.dynamic_quantize.default, _dynamic_quantize_onnx)
+
+
+@torch.library.custom_op("regc::linear_int8", mutates_args=())
+def linear_int8(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, w: torch.Tensor,
+                w_scale: torch.Tensor, w_zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y = s_x (x_q - z_x) @ ((W_q - z_w) diag(s_w)) + b``: uint8 activation codes x_q [..., K], weight
+    codes W_q [K, N] (int8 with z_w = 0, or uint8 with z_w = 128) with one scale per column (or one in
+    all), float bias [N] (or none)."""
+    y = ((xq.float() - x_zp.float()) * x_scale).matmul((w.float() - w_zp) * w_scale)
+    return y if bias is None else y + bias
+
+
+@linear_int8.register_fake
+def _(xq, x_scale, x_zp, w, w_scale, w_zp, bias):
+    return xq.new_empty([*xq.shape[:-1], w.shape[1]], dtype=torch.float32)
+
+
+_MATMUL_INT_TO_FLOAT = onnxscript.values.Op(
+    onnxscript.values.Opset("com.microsoft", 1), "MatMulIntegerToFloat", OpSchema(
+        "MatMulIntegerToFloat", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter("A", "tensor(uint8)"), OpSchema.FormalParameter("B", "T"),
+                OpSchema.FormalParameter("a_scale", "tensor(float)"),
+                OpSchema.FormalParameter("b_scale", "tensor(float)"),
+                OpSchema.FormalParameter("a_zero_point", "tensor(uint8)"),
+                OpSchema.FormalParameter("b_zero_point", "T",
+                                         param_option=OpSchema.FormalParameterOption.Optional),
+                OpSchema.FormalParameter("bias", "tensor(float)",
+                                         param_option=OpSchema.FormalParameterOption.Optional)],
+        outputs=[OpSchema.FormalParameter("Y", "tensor(float)")],
+        type_constraints=[("T", ["tensor(int8)", "tensor(uint8)"], "")]))
+
+
+def _linear_int8_onnx(xq, x_scale, x_zp, w, w_scale, w_zp, bias=None):
+    zp = op.Constant(value=helper.make_tensor("w_zp", TensorProto.UINT8, [], [w_zp])) if w_zp else None
+    return _MATMUL_INT_TO_FLOAT(xq, w, x_scale, w_scale, x_zp, zp, bias)
+
+
+register_onnx_translation(torch.ops.regc.linear_int8.default, _linear_int8_onnx)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

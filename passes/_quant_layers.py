@@ -4,8 +4,10 @@ A ``QLayer`` is one weighted node (linear-like, conv-like, embedding) with its i
 the quantizer of its activation input. ``simulate`` runs the float graph with any subset of layers
 quantized (weights replaced by their dequantized codes, inputs fake-quantized with the same ops the
 rewritten graph uses), which is how sensitivity and fallback are measured without rewriting.
-``rewrite`` turns a layer into the form onnxruntime fuses into int8 kernels:
-    linear:    MatMul(DQ(Q(x)), DQ(W_int8^T, per column)) + b      -> MatMulIntegerToFloat
+``rewrite`` turns a layer into onnxruntime's int8 kernels:
+    linear:    MatMulIntegerToFloat(Q(x), W_int8^T, s_x, s_w, z_x, b)  (bias added in the kernel; one Q
+               per activation for all its readers, e.g. Q/K/V; DynamicQuantizeLinear when dynamic)
+               wide (8-bit codes on CPUs without VNNI): W stored uint8, z_w = 128 -> the exact u8u8 kernel
     rank 2:    Gemm(DQ(Q(x)), DQ(W_int8^T), DQ(b_int32))           -> QGemm   (static activations)
     conv:      Q(relu(Conv(DQ(Q(x)), DQ(W_int8, per out channel), b))) -> QLinearConv (+ fused relu)
     embedding: Gather(W_int8, ids) * Gather(scale, ids)            (weight-only; the table stays int8)
@@ -15,16 +17,17 @@ rewritten graph uses), which is how sensitivity and fallback are measured withou
 A conv with a static input range also quantizes its output (after its relu, if that is its only user),
 and a later layer whose input comes from it through range-preserving ops (max pool, relu, reshapes)
 reuses that (scale, zero point), so onnxruntime keeps the whole chain in uint8 (its pools included)
-instead of dequantizing between layers. For rank >= 3 inputs the bias is stored as (1, N), which
-keeps onnxruntime's MatMul+Add->Gemm fusion (it runs before the QDQ fusions and would hide the
-MatMul) from firing. A rank-2 linear with a static
-input range is a Gemm instead, its bias stored as int32 codes b_q = round(b / (s_x s_w)) (error at most
-s_x s_w / 2 per output, simulated too), which is the form onnxruntime fuses into QGemm.
+instead of dequantizing between layers. For a 4-bit or weight-only linear with a rank >= 3 input the
+bias is stored as (1, N), which keeps onnxruntime's MatMul+Add->Gemm fusion from firing. A rank-2
+linear with a static input range is a Gemm instead, its bias stored as int32 codes
+b_q = round(b / (s_x s_w)) (error at most s_x s_w / 2 per output, simulated too), which is the form
+onnxruntime fuses into QGemm.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch
@@ -47,8 +50,10 @@ from regc.passes._qdq import (
 )
 
 aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
 
-__all__ = ["QLayer", "find_layers", "simulate", "rewrite", "conv_output", "chain_source"]
+__all__ = ["QLayer", "find_layers", "simulate", "rewrite", "conv_output", "chain_source", "relu_under_pool",
+           "integer_linear"]
 
 _RANGE_KEEPING = {aten.max_pool2d.default, aten.max_pool1d.default, aten.relu.default, aten.view.default,
                   aten.reshape.default, aten.flatten.using_ints, aten._unsafe_view.default,
@@ -61,6 +66,35 @@ def conv_output(layer: QLayer) -> fx.Node:
     if len(users) == 1 and users[0].target in (aten.relu.default, aten.relu_.default):
         return users[0]
     return layer.node
+
+
+_RESHAPES = {aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten._unsafe_view.default}
+
+
+def relu_under_pool(x: fx.Node) -> fx.Node | None:
+    """The relu in ``x = [reshapes of] max_pool2d(relu(y))`` when the pool is its only reader, else None."""
+    while x.op == "call_function" and x.target in _RESHAPES and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    if x.op != "call_function" or x.target is not aten.max_pool2d.default:
+        return None
+    relu = x.args[0]
+    ok = relu.op == "call_function" and relu.target in (aten.relu.default, aten.relu_.default)
+    return relu if ok and len(relu.users) == 1 else None
+
+
+def _pool_before_relu(model: Model, relu: fx.Node) -> None:
+    """max_pool(relu(y)) -> relu(max_pool(y)), equal as relu is monotone. With a static Q on the pool's
+    output, onnxruntime (1.32) otherwise moves the Q above the pool and pools uint8 in NCHW (several
+    times slower on x86 than its float NCHWc pool); after the swap it keeps the float pool and folds
+    the relu into the Q (zero point 0)."""
+    g = model.gm.graph
+    pool = next(iter(relu.users))
+    pool.replace_input_with(relu, relu.args[0])
+    with g.inserting_after(pool):
+        r = g.call_function(relu.target, (pool,))
+    r.meta = dict(pool.meta)
+    pool.replace_all_uses_with(r, delete_user_cb=lambda u: u is not r)
+    g.erase_node(relu)
 
 
 def chain_source(x: fx.Node, outs: set[fx.Node]) -> fx.Node | None:
@@ -94,6 +128,7 @@ class QLayer:
     bias: str | None = None  # attribute target of a linear's bias
     bias_index: int | None = None  # its argument index
     bias_value: torch.Tensor | None = None
+    wide: bool = False  # 8-bit codes stored uint8 (zero point 128), exact in onnxruntime's u8u8 kernels
 
     @property
     def x(self) -> fx.Node | None:
@@ -205,31 +240,83 @@ def simulate(model: Model, layers: list[QLayer], batches: list[tuple]) -> list[t
 
 
 def rewrite(model: Model, layers: list[QLayer]) -> None:
-    """Rewrite every layer into QDQ form (one shared Q/DQ pair per quantized activation)."""
+    """Rewrite every layer; each quantized activation is quantized once for all its readers (one
+    Q -> uint8 codes for the integer linears, one Q/DQ pair for convs and QGemm linears)."""
     qdq: dict[tuple, fx.Node] = {}
-    for layer in layers:
+    codes: dict[tuple, tuple[fx.Node, fx.Node, fx.Node]] = {}
+    for layer in layers:  # layers come in graph order: the first reader is where a quantizer goes
         n = layer.node
+        if isinstance(layer.act, tuple) and layer.x is not None and relu_under_pool(layer.x) is not None:
+            _pool_before_relu(model, relu_under_pool(layer.x))
         x = layer.x
-        if x is not None and layer.act is not None:
-            key = (x, layer.act)
-            if key not in qdq:  # layers come in graph order: n is the first consumer
-                qdq[key] = (dynamic_qdq_node(model, n, x) if layer.act == "dynamic"
-                            else static_qdq_node(model, n, x, *layer.act))
-            x = qdq[key]
+        key = (x, layer.act)
         if layer.kind == "embedding":
             _rewrite_embedding(model, layer)
-        elif layer.kind == "conv":
-            args = list(n.args)
-            args[0] = x
-            axis = 0 if layer.scale.dim() else None
-            args[1] = weight_node(model, n, layer.name, layer.codes, layer.scale, axis, layer.packed)
-            n.args = tuple(args)
-            if layer.out_act is not None:
-                dq = _quantize_output(model, layer.out, *layer.out_act)
-                qdq[(dq, layer.out_act)] = dq  # a consumer reading it directly needs no second pair
+        elif integer_linear(layer):
+            if key not in codes:
+                codes[key] = _quantize_input(model, layer)
+            _rewrite_int8_linear(model, layer, codes[key])
         else:
-            _rewrite_linear(model, layer, x)
+            if x is not None and layer.act is not None:
+                if key not in qdq:
+                    qdq[key] = (dynamic_qdq_node(model, n, x) if layer.act == "dynamic"
+                                else static_qdq_node(model, n, x, *layer.act))
+                x = qdq[key]
+            if layer.kind == "conv":
+                _rewrite_conv(model, layer, x, qdq)
+            else:
+                _rewrite_linear(model, layer, x)
     model.recompile()
+
+
+def _rewrite_conv(model: Model, layer: QLayer, x: fx.Node, qdq: dict[tuple, fx.Node]) -> None:
+    n = layer.node
+    args = list(n.args)
+    args[0] = x
+    axis = 0 if layer.scale.dim() else None
+    args[1] = weight_node(model, n, layer.name, layer.codes, layer.scale, axis, layer.packed)
+    n.args = tuple(args)
+    if layer.out_act is not None:
+        dq = _quantize_output(model, layer.out, *layer.out_act)
+        qdq[(dq, layer.out_act)] = dq  # a consumer reading it directly needs no second pair
+
+
+def integer_linear(layer: QLayer) -> bool:
+    """Runs as MatMulIntegerToFloat (uint8 codes x int8 codes, bias added in the kernel): a quantized
+    activation, 8-bit-stored weight codes, and not the QGemm form."""
+    return layer.kind == "linear" and layer.act is not None and layer.group is None and not layer.packed \
+        and layer.int32_bias() is None
+
+
+def _quantize_input(model: Model, layer: QLayer) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(uint8 codes, scale, zero point) nodes of ``layer``'s input: its static quantizer (QuantizeLinear,
+    the scale and zero point stored as buffers) or DynamicQuantizeLinear."""
+    g, x = model.gm.graph, layer.x
+    if layer.act == "dynamic":
+        with g.inserting_before(layer.node):
+            q = g.call_function(torch.ops.regc.dynamic_quantize.default, (x,))
+            return tuple(g.call_function(operator.getitem, (q, i)) for i in range(3))
+    scale, zp = layer.act
+    t = _store(model, layer, {"x_scale": torch.tensor(scale, dtype=torch.float32),
+                              "x_zp": torch.tensor(zp, dtype=torch.uint8)})
+    with g.inserting_before(layer.node):
+        q = g.call_function(qd.quantize_per_tensor.default, (x, scale, zp, 0, 255, torch.uint8))
+    return q, t["x_scale"], t["x_zp"]
+
+
+def _rewrite_int8_linear(model: Model, layer: QLayer, xq: tuple[fx.Node, fx.Node, fx.Node]) -> None:
+    n, g = layer.node, model.gm.graph
+    bias = None if layer.bias_index is None else n.args[layer.bias_index]
+    codes = layer.codes.t().contiguous() if layer.w_axis == 0 else layer.codes
+    w_zp = 128 if layer.wide else 0
+    if layer.wide:
+        codes = (codes.to(torch.int16) + w_zp).to(torch.uint8)
+    t = _store(model, layer, {"q": codes, "scale": layer.scale})
+    with g.inserting_before(n):
+        y = g.call_function(torch.ops.regc.linear_int8.default, (*xq, t["q"], t["scale"], w_zp, bias))
+    y.meta = dict(n.meta)
+    n.replace_all_uses_with(y)
+    g.erase_node(n)
 
 
 def _quantize_output(model: Model, out: fx.Node, scale: float, zp: int) -> fx.Node:

@@ -1,14 +1,16 @@
 """Does int8 pay off for this layer on this CPU? Time it in onnxruntime, alone, both ways.
 
 Each conv/linear layer is built as a one-op ONNX graph with its real shapes, once in float and once
-in the QDQ form the rewrite emits (a conv also gets the Q/DQ of its output, which QLinearConv needs;
-a rank-2 linear with a static input range is the Gemm with an int32 bias that becomes QGemm), at the
+in the form the rewrite emits (a conv: QDQ, with the Q/DQ of its output, which QLinearConv needs; a
+rank-2 linear with a static input range: the Gemm with an int32 bias that becomes QGemm; other
+linears: Q and MatMulIntegerToFloat with the bias), at the
 captured shapes or with the batch dim set to ``batch`` when it is dynamic, and timed on one thread
 (best of 9 interleaved repeats). Equal shapes share one measurement. A layer fed by a max pool is
-timed with that pool in front: onnxruntime moves the input's Q above the pool, so the int8 form pools
-in uint8 (on x86 its NCHW uint8 pool is many times slower than the float one, which can cost more than
-the int8 conv saves). Small layers often lose: quantizing the input and dequantizing the output costs
-more than the int8 arithmetic saves.
+timed with that pool in front: onnxruntime moves a Q right after a pool above it, so the int8 form
+pools in uint8 (on x86 its NCHW uint8 pool is many times slower than the float NCHWc one, which can
+cost more than the int8 conv saves), except when the pool reads a relu, which the rewrite moves
+after the pool (`_quant_layers.relu_under_pool`): the float pool then stays. Small layers often lose:
+quantizing the input and dequantizing the output costs more than the int8 arithmetic saves.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from regc.passes._quant_layers import QLayer
+from regc.passes._quant_layers import QLayer, relu_under_pool
 
 aten = torch.ops.aten
 
@@ -47,10 +49,11 @@ def time_layer(layer: QLayer, batch: int | None = None) -> tuple[float, float] |
     attrs = _conv_attrs(layer) if layer.kind == "conv" else {}
     if attrs is None:
         return None
+    relu = relu_under_pool(layer.x) is not None
     key = (layer.kind, tuple(x_shape), tuple(layer.codes.shape), layer.act == "dynamic",
-           tuple(sorted(attrs.items())), tuple(sorted((pool or {}).items())))
+           tuple(sorted(attrs.items())), tuple(sorted((pool or {}).items())), relu)
     if key not in _CACHE:
-        _CACHE[key] = _time([_graph(layer, x_shape, attrs, q, pool) for q in (False, True)], x_shape)
+        _CACHE[key] = _time([_graph(layer, x_shape, attrs, q, pool, relu) for q in (False, True)], x_shape)
     return _CACHE[key]
 
 
@@ -101,36 +104,48 @@ def _conv_attrs(layer: QLayer) -> dict | None:
             "group": int(a[6] or 1)}
 
 
-def _graph(layer: QLayer, x_shape: list[int], attrs: dict, quantized: bool, pool: dict | None = None
-           ) -> onnx.ModelProto:
+def _graph(layer: QLayer, x_shape: list[int], attrs: dict, quantized: bool, pool: dict | None = None,
+           relu: bool = False) -> onnx.ModelProto:
+    """The layer alone, float or in its rewritten int8 form; ``relu``: the int8 form reads
+    relu(pool(x)), as the rewrite orders a relu-fed pool in front of a Q (onnxruntime folds that relu)."""
     codes = layer.codes.numpy()
     nodes, inits = [], []
     if pool is not None:
-        nodes.append(helper.make_node("MaxPool", ["x0"], ["x"], **{k: list(v) if isinstance(v, tuple) else v
-                                                                  for k, v in pool.items()}))
+        lifted = quantized and relu
+        nodes.append(helper.make_node("MaxPool", ["x0"], ["xp" if lifted else "x"],
+                                      **{k: list(v) if isinstance(v, tuple) else v for k, v in pool.items()}))
+        if lifted:
+            nodes.append(helper.make_node("Relu", ["xp"], ["x"]))
     w_shape = codes.T.shape if layer.kind == "linear" and layer.w_axis == 0 else codes.shape
     out_ch = w_shape[1] if layer.kind == "linear" else w_shape[0]
     inits.append(numpy_helper.from_array(np.full(w_shape, 0.01, np.float32) if not quantized
                                          else np.ones(w_shape, np.int8), "w"))
-    x = "x"
+    rank3 = len(x_shape) >= 3
     if quantized:
-        axis = 1 if layer.kind == "linear" else 0
         inits += [numpy_helper.from_array(np.full(out_ch, 0.01, np.float32), "ws"),
                   numpy_helper.from_array(np.zeros(out_ch, np.int8), "wz"),
                   numpy_helper.from_array(np.array(0.02, np.float32), "s"),
                   numpy_helper.from_array(np.array(128, np.uint8), "z")]
-        nodes.append(helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=axis))
         if layer.act == "dynamic":
             nodes.append(helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]))
-            nodes.append(helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]))
         else:
             nodes.append(helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]))
-            nodes.append(helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]))
+    if layer.kind == "linear" and quantized and (rank3 or layer.act == "dynamic"):  # _rewrite_int8_linear
+        inits.append(numpy_helper.from_array(np.zeros(out_ch, np.float32), "b"))
+        scale, zp = ("xs", "xz") if layer.act == "dynamic" else ("s", "z")
+        nodes.append(helper.make_node("MatMulIntegerToFloat", ["xq", "w", scale, "ws", zp, "", "b"], ["y"],
+                                      domain="com.microsoft"))
+        return _model(nodes, inits, x_shape, pool is not None)
+    x = "x"
+    if quantized:
+        nodes.append(helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"],
+                                      axis=1 if layer.kind == "linear" else 0))
+        xq, xs, xz = ("xq", "xs", "xz") if layer.act == "dynamic" else ("xq", "s", "z")
+        nodes.append(helper.make_node("DequantizeLinear", [xq, xs, xz], ["xd"]))
         x, w = "xd", "wd"
     else:
         w = "w"
-    rank3 = len(x_shape) >= 3
-    if layer.kind == "linear" and quantized and not rank3 and layer.act != "dynamic":
+    if layer.kind == "linear" and quantized:
         inits += [numpy_helper.from_array(np.zeros(out_ch, np.int32), "bq"),
                   numpy_helper.from_array(np.full(out_ch, 2e-4, np.float32), "bs"),
                   numpy_helper.from_array(np.zeros(out_ch, np.int32), "bz")]
@@ -146,10 +161,15 @@ def _graph(layer: QLayer, x_shape: list[int], attrs: dict, quantized: bool, pool
         if quantized:
             nodes += [helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]),
                       helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["y"])]
-    x_info = helper.make_tensor_value_info("x0" if pool is not None else "x", TensorProto.FLOAT, x_shape)
+    return _model(nodes, inits, x_shape, pool is not None)
+
+
+def _model(nodes: list, inits: list, x_shape: list[int], pooled: bool) -> onnx.ModelProto:
+    x_info = helper.make_tensor_value_info("x0" if pooled else "x", TensorProto.FLOAT, x_shape)
     graph = helper.make_graph(nodes, "layer", [x_info],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("com.microsoft", 1)])
 
 
 def _time(models: list[onnx.ModelProto], x_shape: list[int]) -> tuple[float, ...]:

@@ -6,11 +6,14 @@ uint8 affine, static (range from calibration: min/max, percentile, or MSE-optima
 (range of each tensor at run time). Linears after a LayerNorm are first smoothed (SmoothQuant, Xiao et
 al., ICML 2023; exact, folded into the LayerNorm). Embedding tables are quantized weight-only, per row.
 Placement follows onnxruntime's QDQ fusions (Jacob et al., CVPR 2018 for the integer arithmetic):
-Q/DQ on the activation input, DQ on the weight, so MatMul becomes MatMulIntegerToFloat and Conv
-becomes QLinearConv. Every layer is then measured: its output SQNR with only that layer quantized
-(the sensitivity table in the stats), optionally its float/int8 time in onnxruntime (layers where int8
-is slower stay float), and ``max_accuracy_drop`` keeps the most sensitive layers in float until the
-model-level drop on the calibration data (accuracy with labels, 1 - mean output cosine without) fits.
+a linear is emitted as MatMulIntegerToFloat itself (uint8 codes of its input from one Q shared by
+all readers, int8 weight codes, the bias added in the kernel); a conv as Q/DQ on the activation and
+DQ on the weight, which onnxruntime fuses into QLinearConv. Every layer is then measured: its output
+SQNR with only that layer quantized (the sensitivity table in the stats), optionally its float/int8
+time in onnxruntime (layers where int8 is slower stay float), and ``max_accuracy_drop`` gives the
+most sensitive linears full 8-bit weights (uint8 codes, exact u8u8 kernels, where reduce_range holds
+the rest to 7 bits), then keeps the most sensitive layers in float, until the model-level drop on the
+calibration data (accuracy with labels, 1 - mean output cosine without) fits.
 4-bit storage (groups of G along a row, two codes per byte, see _qdq): weight-only linears run as
 onnxruntime's MatMulNBits, embedding tables (asymmetric, w_hat = s_g u + m_g) decode only gathered rows.
 A rank-2 linear with a static input range gets an int32 bias so onnxruntime runs it as QGemm.
@@ -28,7 +31,15 @@ from regc.errors import ConfigError
 from regc.ir import Model
 from regc.passes._qdq import act_qparams
 from regc.passes._quant_calib import calib_batches, choose_range, observe
-from regc.passes._quant_layers import QLayer, chain_source, conv_output, find_layers, rewrite, simulate
+from regc.passes._quant_layers import (
+    QLayer,
+    chain_source,
+    conv_output,
+    find_layers,
+    integer_linear,
+    rewrite,
+    simulate,
+)
 from regc.passes._quant_smooth import smooth, smooth_candidates
 from regc.passes._quant_speed import cpu_has_vnni, time_layer
 from regc.registry import PassContext, PassResult, Phase, check_choice, check_range, register_pass
@@ -63,9 +74,10 @@ class QuantConfig:
         embeddings: also quantize embedding (Gather) tables, weight-only with one scale per row.
         calib_samples: calibration samples for activation ranges and the fallback check, >= 1.
         sweep_samples: samples for the per-layer sensitivity sweep (one model run per layer), >= 1.
-        max_accuracy_drop: keep the most sensitive conv/linear layers in float until the drop on the
-            calibration data is at most this (accuracy points as a fraction with labels, else 1 - mean output
-            cosine), in [0, 1]; none = no fallback.
+        max_accuracy_drop: until the drop on the calibration data is at most this (accuracy points
+            as a fraction with labels, else 1 - mean output cosine), in [0, 1], give the most sensitive
+            integer linears full 8-bit weights (when reduce_range holds the others to 7 bits), then keep
+            the most sensitive conv/linear layers in float; none = no fallback.
         speed_check: time each conv/linear alone in onnxruntime, float vs int8, and keep it float
             where int8 is slower.
         speed_batch: batch size the speed check times at when the batch dim is dynamic (0: the
@@ -164,7 +176,10 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
     active = [q for q in layers if q.reason is None]
     drop = output_drop(ref, simulate(model, active, batches), labels)
     if config.max_accuracy_drop is not None:
-        for q in sorted((a for a in active if a.kind != "embedding"), key=lambda q: sqnr[q.name]):
+        by_sensitivity = sorted((a for a in active if a.kind != "embedding"), key=lambda q: sqnr[q.name])
+        if wbits < config.bits:
+            drop = _widen(model, by_sensitivity, active, (ref, batches, labels), drop, config, wbits)
+        for q in by_sensitivity:
             if drop["drop"] <= config.max_accuracy_drop:
                 break
             q.reason = f"kept float for max_accuracy_drop={config.max_accuracy_drop} (sensitive)"
@@ -197,6 +212,38 @@ def output_drop(ref: list, out: list, labels: torch.Tensor | None) -> dict:
     cos = torch.nn.functional.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=1)
     return {"metric": "cosine", "quantized": cos.mean().item(), "min": cos.min().item(),
             "drop": 1.0 - cos.mean().item()}
+
+
+def _widen(model: Model, order: list[QLayer], active: list[QLayer], calib: tuple, drop: dict,
+           config: QuantConfig, wbits: int) -> dict:
+    """Give the integer linears of ``order`` full 8-bit weight codes (stored uint8, ``QLayer.wide``), in
+    that order, until the drop of ``active`` on ``calib`` = (float outputs, batches, labels) fits, then
+    return the widest ones (last widened first) to ``wbits`` where the drop still fits; return the drop.
+    Without VNNI the int8 codes stay in [-63, 63] (half the resolution); the u8u8 kernels onnxruntime
+    runs for uint8 codes are exact and far faster than float, but slower than u8s8."""
+    ref, batches, labels = calib
+    per_channel = config.weights == "per_channel"
+    widened = []
+    for q in order:
+        if drop["drop"] <= config.max_accuracy_drop:
+            break
+        if integer_linear(q):
+            q.quantize(model, 8, per_channel)
+            q.wide = True
+            widened.append(q)
+            drop = output_drop(ref, simulate(model, active, batches), labels)
+    if drop["drop"] > config.max_accuracy_drop:
+        return drop
+    for q in reversed(widened[:-1]):  # the last one was needed
+        q.quantize(model, wbits, per_channel)
+        q.wide = False
+        narrowed = output_drop(ref, simulate(model, active, batches), labels)
+        if narrowed["drop"] <= config.max_accuracy_drop:
+            drop = narrowed
+        else:
+            q.quantize(model, 8, per_channel)
+            q.wide = True
+    return drop
 
 
 def _batches(model: Model, ctx: PassContext, config: QuantConfig, static: bool):
@@ -265,6 +312,8 @@ def _layer_stats(q: QLayer, config: QuantConfig, sqnr: float, timing) -> dict:
     out = {"op": q.kind, "format": "float" if q.reason else f"int{bits}" + ("_packed" if q.packed else ""),
            "bits": 32 if q.reason else bits, "granularity": gran, "activation": act,
            "sensitivity_sqnr_db": sqnr if math.isfinite(sqnr) else None}
+    if q.wide:
+        out["weight_code_range"] = 127  # stored uint8 with zero point 128 (exact u8u8 kernel)
     if timing is not None:
         out["onnxruntime_ms"] = {"float": round(timing[0], 4), "int8": round(timing[1], 4)}
     if q.reason:

@@ -87,9 +87,7 @@ def native_parts(arch: str, cache: Path | None = None) -> NativeParts:
     """
     a = ARCHES[arch]
     cache = cache or cache_dir()
-    cxx = shutil.which(a.cxx)
-    if cxx is None:
-        raise LoweringError(f"building regc_run for {a.name} needs {a.cxx}: apt-get install {a.cxx_package}")
+    cxx = _compiler(a, "regc_run")
     include, libs = _installed_tree() if arch == platform.machine() else _wheel_tree(a, cache)
     return NativeParts(_build_runner(a, cxx, include, libs, cache), libs)
 
@@ -167,10 +165,16 @@ def _build_runner(a: Arch, cxx: str, include: Path, libs: tuple[Path, ...], cach
 def build_launcher(arch: str, cache: Path | None = None) -> Path:
     """The single-file bundle launcher (``regc_sfx.cc``) for ``arch``, linked statically (cached)."""
     a = ARCHES[arch]
+    return _compile(a, _compiler(a, "the launcher"), LAUNCHER_SOURCE, ["-static", "-s"], [],
+                    cache or cache_dir())
+
+
+def _compiler(a: Arch, what: str) -> str:
+    """The path of ``a``'s g++, or a ``LoweringError`` naming its apt package."""
     cxx = shutil.which(a.cxx)
     if cxx is None:
-        raise LoweringError(f"building the launcher for {a.name} needs {a.cxx}: apt-get install {a.cxx_package}")
-    return _compile(a, cxx, LAUNCHER_SOURCE, ["-static", "-s"], [], cache or cache_dir())
+        raise LoweringError(f"building {what} for {a.name} needs {a.cxx}: apt-get install {a.cxx_package}")
+    return cxx
 
 
 def _compile(a: Arch, cxx: str, source: Path, flags: list[str], key_parts: list[str], cache: Path) -> Path:
@@ -188,7 +192,8 @@ def _compile(a: Arch, cxx: str, source: Path, flags: list[str], key_parts: list[
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise LoweringError(f"compiling {source.name} for {a.name} with {a.cxx} failed:\n{proc.stderr.strip()}")
+        detail = proc.stderr.strip()
+        raise LoweringError(f"compiling {source.name} for {a.name} with {a.cxx} failed:\n{detail}")
     tmp.rename(out)
     return out
 

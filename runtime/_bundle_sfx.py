@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from regc.errors import ConfigError, ModelFormatError
 from regc.runtime._bundle_native import build_launcher
 
-__all__ = ["MAGIC", "is_single_file", "pack_single_file", "read_manifest"]
+__all__ = ["MAGIC", "check_output", "is_single_file", "pack_single_file", "read_manifest"]
 
 MAGIC = b"REGCSFX1"
 _TRAILER = struct.Struct("<QII8s")
@@ -34,8 +34,7 @@ _MANIFEST = "manifest.json"
 def pack_single_file(bundle: Path, manifest: dict[str, Any], out: Path, cache: Path | None = None) -> Path:
     """Write ``bundle`` (a verified bundle folder and its ``manifest``) as one executable at ``out``,
     atomically. An existing ``out`` is replaced only when it is itself a single-file bundle."""
-    if out.exists() and not is_single_file(out):
-        raise ConfigError(f"{out} exists and is not a regc single-file bundle; choose another -o or remove it")
+    check_output(out)
     launcher = build_launcher(manifest["arch"], cache)
     names = [_MANIFEST, *sorted(manifest["files"])]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +52,13 @@ def pack_single_file(bundle: Path, manifest: dict[str, Any], out: Path, cache: P
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def check_output(out: Path) -> None:
+    """Raise ``ConfigError`` when ``out`` exists and is not a single-file bundle (it is never replaced)."""
+    if out.exists() and not is_single_file(out):
+        raise ConfigError(f"{out} exists and is not a regc single-file bundle; "
+                          "choose another -o or remove it")
 
 
 def is_single_file(path: str | os.PathLike[str]) -> bool:

@@ -40,7 +40,7 @@ from regc.errors import ConfigError, LoweringError, ModelFormatError
 from regc.files import atomic_dir, sha256_file
 from regc.plugins import Command
 from regc.runtime._bundle_native import ARCHES, native_parts
-from regc.runtime._bundle_sfx import is_single_file, pack_single_file, read_manifest
+from regc.runtime._bundle_sfx import check_output, is_single_file, pack_single_file, read_manifest
 from regc.runtime.artifact import Runner
 
 __all__ = [
@@ -78,11 +78,11 @@ def export_bundle(
         raise ConfigError(f"bundle target '{target}' is not supported; choose one of {', '.join(ARCHES)}")
     out = Path(out)
     if single_file:
-        if out.exists() and not is_single_file(out):
-            raise ConfigError(f"{out} exists and is not a regc single-file bundle; choose another -o or remove it")
+        check_output(out)  # before lowering: fail fast
         with tempfile.TemporaryDirectory(prefix="regc-bundle-") as tmp:
             folder = export_bundle(source, target, Path(tmp) / "bundle", cache=cache)
-            return pack_single_file(folder, verify_bundle(folder), out, cache)
+            manifest = json.loads((folder / MANIFEST_FILE).read_text())  # just written: no re-hash
+            return pack_single_file(folder, manifest, out, cache)
     parts = native_parts(target, cache)  # before lowering: a missing compiler fails fast
     with atomic_dir(out, MANIFEST_FILE, "regc bundle") as stage:
         meta = _place_model(source, target, stage)
@@ -143,8 +143,9 @@ def verify_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
 class BundleRunner(Runner):
     """Runs a bundle's ``regc_run`` in a subprocess (under qemu when the bundle's arch is foreign).
 
-    ``threads`` sets ``TVM_NUM_THREADS`` for the runner. The files are verified when opened and
-    again before each run, since each run executes them anew.
+    ``threads`` sets ``TVM_NUM_THREADS`` for the runner. The bundle is verified here when opened
+    (every listed file's sha256, no unlisted file); each run, ``regc_run`` checks the listed files
+    itself before loading them, so the runner does not hash them a second time per call.
     """
 
     def __init__(self, path: Path, threads: int = 1):
@@ -160,7 +161,6 @@ class BundleRunner(Runner):
 
     def _command(self, in_dir: Path, out_dir: Path) -> tuple[list[str], dict[str, str]]:
         """The command line that runs the model on ``in_dir`` into ``out_dir``, and its extra environment."""
-        verify_bundle(self.path)
         return [*self.prefix, str(self.path / RUNNER_FILE), str(self.path), str(in_dir), str(out_dir)], {}
 
     def _run(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, ...]:

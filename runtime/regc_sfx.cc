@@ -15,6 +15,7 @@
 //   trailer:   u64 offset of the first file, u32 file count, u32 zero, 8 bytes "REGCSFX1"
 // Exit status: regc_run's; 2 when the file is not a well-formed single-file bundle or cannot be
 // extracted (message on stderr); 1 when regc_run cannot be started.
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>

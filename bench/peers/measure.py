@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 from peers.cases import Case, Predict
 
 import regc
 from regc.backends.tvm_backend import TensorSpec
-from regc.runtime.artifact import Runner
+from regc.runtime.artifact import OnnxRunner, Runner
 from regc.runtime.bench import compare
 
 
@@ -73,16 +72,9 @@ def export(case: Case, module: torch.nn.Module, path: Path) -> None:
                  output_names=case.output_names).save(str(path))
 
 
-def session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def onnx_predict(path: Path) -> Predict:
-    s = session(path)
-    return lambda feed: s.run(None, feed)[0]
+    r = OnnxRunner(path, threads=1)
+    return lambda feed: r.run(feed)[r.output_names[0]]
 
 
 def torch_predict(module: torch.nn.Module, case: Case) -> Predict:

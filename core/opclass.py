@@ -18,7 +18,8 @@ import enum
 import torch
 import torch.fx as fx
 
-__all__ = ["OpClass", "op_class", "LinearView", "ConvView", "linear_view", "conv_view", "is_param_node"]
+__all__ = ["OpClass", "op_class", "LinearView", "ConvView", "linear_view", "conv_view", "conv_transposed",
+           "is_param_node"]
 
 aten = torch.ops.aten
 
@@ -122,9 +123,12 @@ def conv_view(node: fx.Node, gm: fx.GraphModule) -> ConvView | None:
     bias = a[2] if len(a) > 2 else None
     if not is_param_node(a[1], gm) or (bias is not None and not is_param_node(bias, gm)):
         return None
-    transposed = "transpose" in str(node.target) or (
-        node.target is aten.convolution.default and bool(a[6]))
-    return ConvView(node, a[0], a[1].target, bias.target if bias is not None else None, transposed)
+    return ConvView(node, a[0], a[1].target, bias.target if bias is not None else None, conv_transposed(node))
+
+
+def conv_transposed(node: fx.Node) -> bool:
+    """True for a conv-like node that is a transposed convolution (by op, or ``convolution``'s flag)."""
+    return "transpose" in str(node.target) or (node.target is aten.convolution.default and bool(node.args[6]))
 
 
 def op_class(node: fx.Node, gm: fx.GraphModule | None = None) -> OpClass:

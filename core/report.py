@@ -32,8 +32,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from regc.errors import ConfigError, InputMismatchError
 from regc.ir import Model, param_bytes
-from regc.opclass import op_class
+from regc.opclass import OpClass, conv_transposed, op_class
 
 __all__ = ["layer_table", "build_report", "write_report", "output_quality", "summary_lines", "layer_groups",
            "layer_profile", "latency_share", "per_layer_table", "write_html", "load_report"]
@@ -42,8 +43,6 @@ REPORT_VERSION = 1
 HIST_BINS = 24
 _LEAF = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 aten = torch.ops.aten
-_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
-_CONV_T = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 
 
 def _layer_key(user_name: str) -> str:
@@ -133,7 +132,7 @@ def layer_groups(model: Model) -> dict[str, Layer]:
         if n.op != "call_function":
             continue
         ins = n.all_input_nodes
-        targets = set().union(*(reads[a] for a in ins if a in reads)) if ins else set()
+        targets = set().union(*(reads[a] for a in ins if a in reads))
         if ins and all(a in reads for a in ins):
             reads[n] = targets
             continue
@@ -201,9 +200,9 @@ def _macs(n: fx.Node, args: list[Any], out: Any) -> int:
                                                                       for a in args[:2]):
         return 0
     x, w = args[0], args[1]
-    if n.target in _CONV or n.target in _CONV_T:
+    if op_class(n) is OpClass.CONV:
         k = w[0].numel()  # conv: C_in/groups * kernel; transposed: C_out/groups * kernel per input
-        return out.numel() * k if n.target in _CONV else x.numel() * k
+        return x.numel() * k if conv_transposed(n) else out.numel() * k
     if n.target in (aten.linear.default, aten.addmm.default):
         return out.numel() * w.shape[-1]
     if n.target in (aten.matmul.default, aten.mm.default, aten.bmm.default):
@@ -241,8 +240,6 @@ def _analyze(model: Model, groups: dict[str, Layer], starts: set[str], xs: tuple
 
 
 def _profile_inputs(model: Model, data, n: int) -> tuple[torch.Tensor, ...]:
-    from regc.errors import InputMismatchError
-
     if data is None:
         return model.example_inputs
     xs = next(iter(data.batches(n, like=model.example_inputs)))[0]
@@ -278,8 +275,9 @@ def layer_profile(before: Model, after: Model, data=None, *, max_samples: int = 
     ``samples`` and ``layers: {name: {..._before, ..._after, weight_histogram, output error}}``."""
     xs = _profile_inputs(before, data, max_samples)
     gb, ga = layer_groups(before), layer_groups(after)
-    fb, ob = _analyze(before, gb, set(gb) & set(ga), xs)
-    fa, oa = _analyze(after, ga, set(gb) & set(ga), xs)
+    both = set(gb) & set(ga)
+    fb, ob = _analyze(before, gb, both, xs)
+    fa, oa = _analyze(after, ga, both, xs)
     layers = {}
     for name in [*fb, *(n for n in fa if n not in fb)]:
         row: dict[str, Any] = {}
@@ -419,11 +417,11 @@ def per_layer_table(report: dict[str, Any]) -> dict[str, Any]:
             for key, entry in entries.items():
                 if isinstance(entry, dict):
                     by_pass.setdefault(base_name(key), {}).setdefault(rec["pass"], []).append(entry)
-    names = list(prof) or sorted(report.get("layers", {}))
+    layers = report.get("layers", {})
     rows = []
-    for name in names:
+    for name in list(prof) or sorted(layers):
         p = prof.get(name) or {}
-        old = report.get("layers", {}).get(name, {})
+        old = layers.get(name, {})
         stats = by_pass.get(name, {})
         entries = [e for v in stats.values() for e in v]
         ranks = [f"{e['rank']}/{e['full_rank']}" for e in entries
@@ -460,8 +458,6 @@ def per_layer_table(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_report(out_dir: str | Path) -> dict[str, Any]:
-    from regc.errors import ConfigError
-
     path = Path(out_dir) / "report.json"
     if not path.is_file():
         raise ConfigError(f"{path} not found; pass the -o folder of a 'regc compile' run")

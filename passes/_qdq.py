@@ -35,7 +35,7 @@ qd = torch.ops.quantized_decomposed
 
 __all__ = ["quantize_weight", "act_qparams", "fake_quant_static", "dynamic_fake_quant", "dynamic_quantize",
            "linear_int8", "weight_node",
-           "static_qdq_node", "dynamic_qdq_node", "free_name", "pack_int4", "unpack_int4",
+           "static_qdq_node", "dynamic_qdq_node", "free_name", "store_buffers", "pack_int4", "unpack_int4",
            "quantize_groups", "quantize_groups_asym", "pack_rows", "unpack_rows", "matmul_nbits",
            "gather_int4"]
 
@@ -335,31 +335,37 @@ def free_name(model: Model, base: str) -> str:
     return cand
 
 
+def store_buffers(model: Model, before: fx.Node, user: str, tensors: dict[str, torch.Tensor]
+                  ) -> dict[str, fx.Node]:
+    """Store ``{kind: tensor}`` as buffers named ``{user}_{kind}`` (recorded as ``user:kind``) and return
+    ``{kind: get_attr node}``, inserted before ``before``."""
+    nodes = {}
+    for kind, t in tensors.items():
+        name = free_name(model, f"{user}_{kind}")
+        model.set_tensor(name, t, trainable=False)
+        model.param_names[name] = f"{user}:{kind}"
+        with model.gm.graph.inserting_before(before):
+            nodes[kind] = model.gm.graph.get_attr(name)
+    return nodes
+
+
 def weight_node(model: Model, before: fx.Node, user: str, codes: torch.Tensor, scale: torch.Tensor,
                 axis: int | None, packed: bool = False, dtype: torch.dtype = torch.int8) -> fx.Node:
     """Store ``codes`` (int8, or int32 for a bias) and ``scale`` as buffers and return a dequantize node
     reading them (``packed``: 4-bit codes two per byte, unpacked by ``regc::unpack_int4``)."""
     g = model.gm.graph
     if packed:
-        names = [free_name(model, f"{user}_{k}") for k in ("q4", "scale")]
         bshape = [1] * codes.dim()
         if axis is not None:
             bshape[axis] = -1
-        tensors = (pack_int4(codes), scale.reshape(bshape))
-        for name, kind, t in zip(names, ("q4", "scale"), tensors, strict=True):
-            model.set_tensor(name, t, trainable=False)
-            model.param_names[name] = f"{user}:{kind}"
+        t = store_buffers(model, before, user, {"q4": pack_int4(codes), "scale": scale.reshape(bshape)})
         with g.inserting_before(before):
-            q, s = (g.get_attr(n) for n in names)
-            return g.call_function(torch.ops.regc.unpack_int4.default, (q, s, list(codes.shape)))
-    names = {}
-    zp = torch.zeros_like(scale, dtype=torch.int64)
-    for kind, t in (("q", codes), ("scale", scale), ("zp", zp)):
-        names[kind] = free_name(model, f"{user}_{kind}")
-        model.set_tensor(names[kind], t, trainable=False)
-        model.param_names[names[kind]] = f"{user}:{kind}"
+            return g.call_function(torch.ops.regc.unpack_int4.default,
+                                   (t["q4"], t["scale"], list(codes.shape)))
+    t = store_buffers(model, before, user,
+                      {"q": codes, "scale": scale, "zp": torch.zeros_like(scale, dtype=torch.int64)})
+    q, s, z = t["q"], t["scale"], t["zp"]
     with g.inserting_before(before):
-        q, s, z = (g.get_attr(names[k]) for k in ("q", "scale", "zp"))
         qmin, qmax = torch.iinfo(dtype).min, torch.iinfo(dtype).max
         if axis is None:
             return g.call_function(qd.dequantize_per_tensor.tensor, (q, s, z, qmin, qmax, dtype))

@@ -40,12 +40,12 @@ from regc.passes._qdq import (
     dynamic_fake_quant,
     dynamic_qdq_node,
     fake_quant_static,
-    free_name,
     pack_rows,
     quantize_groups,
     quantize_groups_asym,
     quantize_weight,
     static_qdq_node,
+    store_buffers,
     weight_node,
 )
 
@@ -158,11 +158,16 @@ class QLayer:
         w = (u * self.scale[..., None]).reshape(self.codes.shape)
         return w if self.w_axis == 0 else w.t()
 
-    def int32_bias(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(int32 codes, scale s_x s_w) of a rank-2 linear's bias with a static input range, else None."""
+    @property
+    def qgemm(self) -> bool:
+        """A rank-2 linear with a bias and a static input range: a Gemm with an int32 bias (QGemm)."""
         val = self.x.meta.get("val") if self.x is not None else None
-        if self.kind != "linear" or self.bias is None or not isinstance(self.act, tuple) or val is None \
-                or val.dim() != 2:
+        return self.kind == "linear" and self.bias is not None and isinstance(self.act, tuple) \
+            and val is not None and val.dim() == 2
+
+    def int32_bias(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int32 codes, scale s_x s_w) of the bias of a ``qgemm`` layer, else None."""
+        if not self.qgemm:
             return None
         scale = self.act[0] * self.scale
         b = self.bias_value
@@ -246,8 +251,9 @@ def rewrite(model: Model, layers: list[QLayer]) -> None:
     codes: dict[tuple, tuple[fx.Node, fx.Node, fx.Node]] = {}
     for layer in layers:  # layers come in graph order: the first reader is where a quantizer goes
         n = layer.node
-        if isinstance(layer.act, tuple) and layer.x is not None and relu_under_pool(layer.x) is not None:
-            _pool_before_relu(model, relu_under_pool(layer.x))
+        relu = relu_under_pool(layer.x) if isinstance(layer.act, tuple) and layer.x is not None else None
+        if relu is not None:
+            _pool_before_relu(model, relu)
         x = layer.x
         key = (x, layer.act)
         if layer.kind == "embedding":
@@ -285,7 +291,7 @@ def integer_linear(layer: QLayer) -> bool:
     """Runs as MatMulIntegerToFloat (uint8 codes x int8 codes, bias added in the kernel): a quantized
     activation, 8-bit-stored weight codes, and not the QGemm form."""
     return layer.kind == "linear" and layer.act is not None and layer.group is None and not layer.packed \
-        and layer.int32_bias() is None
+        and not layer.qgemm
 
 
 def _quantize_input(model: Model, layer: QLayer) -> tuple[fx.Node, fx.Node, fx.Node]:
@@ -314,9 +320,7 @@ def _rewrite_int8_linear(model: Model, layer: QLayer, xq: tuple[fx.Node, fx.Node
     t = _store(model, layer, {"q": codes, "scale": layer.scale})
     with g.inserting_before(n):
         y = g.call_function(torch.ops.regc.linear_int8.default, (*xq, t["q"], t["scale"], w_zp, bias))
-    y.meta = dict(n.meta)
-    n.replace_all_uses_with(y)
-    g.erase_node(n)
+    _replace(n, y)
 
 
 def _quantize_output(model: Model, out: fx.Node, scale: float, zp: int) -> fx.Node:
@@ -331,14 +335,14 @@ def _quantize_output(model: Model, out: fx.Node, scale: float, zp: int) -> fx.No
 
 def _store(model: Model, layer: QLayer, tensors: dict[str, torch.Tensor]) -> dict[str, fx.Node]:
     """Buffers ``{kind: tensor}`` named after the layer, read by get_attr nodes before it."""
-    nodes = {}
-    for kind, t in tensors.items():
-        name = free_name(model, f"{layer.name}_{kind}")
-        model.set_tensor(name, t, trainable=False)
-        model.param_names[name] = f"{layer.name}:{kind}"
-        with model.gm.graph.inserting_before(layer.node):
-            nodes[kind] = model.gm.graph.get_attr(name)
-    return nodes
+    return store_buffers(model, layer.node, layer.name, tensors)
+
+
+def _replace(n: fx.Node, y: fx.Node) -> None:
+    """``y`` (with ``n``'s metadata) takes the place of ``n``, which is erased."""
+    y.meta = dict(n.meta)
+    n.replace_all_uses_with(y)
+    n.graph.erase_node(n)
 
 
 def _rewrite_linear(model: Model, layer: QLayer, x: fx.Node) -> None:
@@ -366,9 +370,7 @@ def _rewrite_linear(model: Model, layer: QLayer, x: fx.Node) -> None:
     if bias is not None and int32_bias is None:
         with g.inserting_before(n):
             y = g.call_function(aten.add.Tensor, (y, _row_bias(model, n, bias)))
-    y.meta = dict(n.meta)
-    n.replace_all_uses_with(y)
-    g.erase_node(n)
+    _replace(n, y)
 
 
 def _row_bias(model: Model, n: fx.Node, bias: fx.Node) -> fx.Node:
@@ -387,23 +389,16 @@ def _rewrite_embedding(model: Model, layer: QLayer) -> None:
         with g.inserting_before(n):
             y = g.call_function(torch.ops.regc.gather_int4.default,
                                 (t["q4"], t["scale"], t["zero"], ids, layer.group))
-        y.meta = dict(n.meta)
-        n.replace_all_uses_with(y)
-        g.erase_node(n)
+        _replace(n, y)
         return
     per_row = layer.scale.dim() > 0
-    names = {}
-    for kind, t in (("q", layer.codes), ("scale", layer.scale.reshape(-1, 1) if per_row else layer.scale)):
-        names[kind] = free_name(model, f"{layer.name}_{kind}")
-        model.set_tensor(names[kind], t, trainable=False)
-        model.param_names[names[kind]] = f"{layer.name}:{kind}"
+    scale = layer.scale.reshape(-1, 1) if per_row else layer.scale
+    t = _store(model, layer, {"q": layer.codes, "scale": scale})
     with g.inserting_before(n):
-        rows = g.call_function(aten.embedding.default, (g.get_attr(names["q"]), ids))
+        rows = g.call_function(aten.embedding.default, (t["q"], ids))
         rows = g.call_function(aten._to_copy.default, (rows,), {"dtype": torch.float32})
-        s = g.get_attr(names["scale"])
+        s = t["scale"]
         if per_row:
             s = g.call_function(aten.embedding.default, (s, ids))
         y = g.call_function(aten.mul.Tensor, (rows, s))
-    y.meta = dict(n.meta)
-    n.replace_all_uses_with(y)
-    g.erase_node(n)
+    _replace(n, y)

@@ -63,16 +63,18 @@ def _pool(x) -> dict | None:
             x.args[0].meta.get("val") is None:
         return None
     a = list(x.args) + [None] * 6
-
-    def pair(v, default):
-        v = v if isinstance(v, (list, tuple)) and v else [default] * 2
-        return tuple(int(i) for i in (v * 2 if len(v) == 1 else v))
-
-    kernel = pair(a[1], 1)
-    stride = pair(a[2], 1) if a[2] else kernel
-    pads = pair(a[3], 0)
-    return {"kernel_shape": kernel, "strides": stride, "pads": pads + pads, "dilations": pair(a[4], 1),
+    kernel = _ints(a[1], 1, 2)
+    stride = _ints(a[2], 1, 2) if a[2] else kernel
+    pads = _ints(a[3], 0, 2)
+    return {"kernel_shape": kernel, "strides": stride, "pads": pads + pads, "dilations": _ints(a[4], 1, 2),
             "ceil_mode": int(bool(a[5]))}
+
+
+def _ints(v, default: int, k: int) -> tuple[int, ...]:
+    """A conv/pool size argument as ``k`` ints (an int or a one-item list repeated; None, [] -> default)."""
+    v = list(v) if isinstance(v, (list, tuple)) else [] if v is None else [v]
+    v = v or [default]
+    return tuple(int(i) for i in (v * k if len(v) == 1 else v))
 
 
 def cpu_has_vnni() -> bool:
@@ -92,15 +94,10 @@ def cpu_has_vnni() -> bool:
 def _conv_attrs(layer: QLayer) -> dict | None:
     a = list(layer.node.args) + [None] * 7
     k = layer.codes.dim() - 2
-
-    def ints(v, default):
-        v = default if v is None else v
-        return tuple(int(i) for i in (v if isinstance(v, (list, tuple)) else [v] * k))
-
     if isinstance(a[4], str):
         return None
-    pads = ints(a[4], 0)
-    return {"strides": ints(a[3], 1), "pads": pads + pads, "dilations": ints(a[5], 1),
+    pads = _ints(a[4], 0, k)
+    return {"strides": _ints(a[3], 1, k), "pads": pads + pads, "dilations": _ints(a[5], 1, k),
             "group": int(a[6] or 1)}
 
 

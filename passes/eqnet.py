@@ -178,16 +178,17 @@ def eval_data(model: Model, spec: TrainSpec, calib_samples: int, eval_samples: i
             break
     rest = rest or calib
     with torch.no_grad():
-        out = model.run(*rest[0].inputs)[0]
-    if out.dim() != 2:
+        first = model.run(*rest[0].inputs)[0]
+    if first.dim() != 2:
         raise ConfigError(f"eqnet ranks subnets by top-1 accuracy, so the model's first output must be "
-                          f"(batch, classes) logits; it is {tuple(out.shape)}. For encoders without a "
+                          f"(batch, classes) logits; it is {tuple(first.shape)}. For encoders without a "
                           "classifier head use quant or rf8, or add the head before eqnet")
     labels = []
     for raw in rest:
         if raw.labels is None:
             with torch.no_grad():
-                labels.append(model.run(*raw.inputs)[0].argmax(-1))
+                out = first if raw is rest[0] else model.run(*raw.inputs)[0]
+            labels.append(out.argmax(-1))
         elif raw.labels.is_floating_point():
             raise ConfigError("eqnet measures subnets by top-1 accuracy and needs integer class labels "
                               f"(got {raw.labels.dtype}); give class labels or no labels (then the float "

@@ -12,6 +12,7 @@ from regc.passes._importance import unit_importance
 from regc.passes.prune import PruneConfig, kept_units
 from regc.pipeline import parse_pipeline
 from regc.zoo import digits_cnn, digits_data
+from tests import conftest
 from tests.test_depgraph import capture_zoo
 
 
@@ -24,8 +25,7 @@ def _digits_model(dead: float = 0.0):
             n = round(dead * conv.out_channels)
             for t in (conv.weight, bn.weight, bn.bias):
                 t[conv.out_channels - n:] = 0
-    return regc.capture(zm.module, zm.example_inputs, zm.dynamic_shapes, input_names=zm.input_names,
-                        output_names=zm.output_names)
+    return conftest.capture_zoo(zm)
 
 
 def _digits_dataset(n=128):
@@ -113,9 +113,7 @@ def test_pretrained_minilm_prunes_ffn_units_and_heads():
     prune removes FFN units and heads; zeroing nothing else, the pruned model still runs."""
     from regc.zoo import SENTENCES, minilm, minilm_tokenize
 
-    zm = minilm()
-    model = regc.capture(zm.module, zm.example_inputs, dynamic_shapes=zm.dynamic_shapes,
-                         input_names=zm.input_names, output_names=zm.output_names)
+    model = conftest.capture_zoo(minilm())
     ids, mask = minilm_tokenize(SENTENCES[:8])
     with torch.no_grad():
         ref = model(ids, mask)

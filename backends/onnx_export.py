@@ -55,8 +55,7 @@ def export_onnx(model: Model, path: str, *, opset: int = OPSET) -> dict:
     _attach_functions(proto, functions)
     storage = pack_sparse_initializers(proto, model)
     if storage:
-        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
-                                            "regc.sparse_storage": json.dumps(storage)})
+        proto.metadata_props.add(key="regc.sparse_storage", value=json.dumps(storage))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False)
     tmp.close()

@@ -65,6 +65,7 @@ __all__ = [
     "RelaxProgram",
     "TensorSpec",
     "TvmArtifact",
+    "get_preset",
     "import_relax",
     "lower_tvm",
     "tvm_versions",
@@ -138,6 +139,13 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; ``ConfigError`` listing the known ones when there is none."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown TVM preset '{name}'; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,9 +444,7 @@ def lower_tvm(
     import tvm
     from tvm import relax
 
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown TVM preset '{preset}'; known: {', '.join(PRESETS)}")
-    p = PRESETS[preset]
+    p = get_preset(preset)
     target = p.tvm_target(arch)
     if p.cross_compiler and shutil.which(p.cross_compiler) is None:
         raise LoweringError(

@@ -158,14 +158,13 @@ def tune_tvm(
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
-    from regc.backends.tvm_backend import PRESETS, fuse_kernels, import_relax, tvm_versions
+    from regc.backends.tvm_backend import fuse_kernels, get_preset, import_relax, tvm_versions
 
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown TVM preset '{preset}'; known: {', '.join(PRESETS)}")
-    if PRESETS[preset].cross_compiler:
+    p = get_preset(preset)
+    if p.cross_compiler:
         raise ConfigError(f"tuning measures kernels on this machine: '{preset}' code cannot run here; "
                           "run 'regc tune' on the target machine")
-    if PRESETS[preset].device == "cuda" and not tvm.cuda().exist:
+    if p.device == "cuda" and not tvm.cuda().exist:
         raise ConfigError("tuning for 'cuda' measures kernels on a GPU and this machine has none")
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"--trials must be a positive integer, got {trials!r}")
@@ -175,7 +174,7 @@ def tune_tvm(
         import xgboost  # noqa: F401  (MetaSchedule's cost model)
     except ImportError as e:
         raise ConfigError("regc tune needs xgboost: pip install 'xgboost-cpu>=2.1,<4'") from e
-    target = PRESETS[preset].tvm_target(arch)
+    target = p.tvm_target(arch)
     tune_target = _with_num_cores(target)
     db = Path(db)
     if (db / INFO_FILE).exists():
@@ -193,8 +192,9 @@ def tune_tvm(
         raise LoweringError("the model has no kernels to tune")
     found = len(extracted)
     extracted = heaviest_kernels(extracted, max_kernels or found)
-    per_task = max(1, -(-trials // len(extracted)))
-    log(f"tuning {len(extracted)} of {found} kernels for '{preset}', {trials} trials (<= {per_task} per kernel)")
+    per_task = -(-trials // len(extracted))  # ceil; >= 1 as trials >= 1
+    log(f"tuning {len(extracted)} of {found} kernels for '{preset}', "
+        f"{trials} trials (<= {per_task} per kernel)")
     t0 = time.perf_counter()
     progress = _progress_callback(trials, t0, log)
     with tempfile.TemporaryDirectory(prefix="regc-tune-") as work:

@@ -3,13 +3,14 @@
     nice -n 5 python bench/tvm_tuned.py [--out bench/results/tvm_tuned.json] [--trials-per-kernel 4]
                                         [--max-kernels N] [--models resnet18_style,minilm] [--seq 32]
 
-Per model after ``fold_bn`` (``regc.zoo.resnet18_style``: 1x3x32x32; ``regc.zoo.minilm``: 1 sentence padded to --seq
-tokens, static shapes): export ONNX (the baseline, onnxruntime CPU, 1 thread), lower with TVM for
-``x86_64`` untuned, tune with ``regc.backends.tvm_tune.tune_tvm`` (trials = --trials-per-kernel x
-kernels tuned; --max-kernels keeps the heaviest by calls x FLOPs), lower again with the database, and time each TVM build against onnxruntime with
-``regc.runtime.compare`` (calls interleaved, TVM at 1 thread: TVM_NUM_THREADS=1). Reported: median
-latencies, ratio = TVM / onnxruntime (goal: tuned <= 1.3), trials, tuning seconds, kernels covered,
-max abs output difference tuned vs onnxruntime. The machine is shared, so absolute numbers drift;
+Per model after ``fold_bn`` (``regc.zoo.resnet18_style``: 1x3x32x32; ``regc.zoo.minilm``: 1 sentence
+padded to --seq tokens, static shapes): export ONNX (the baseline, onnxruntime CPU, 1 thread), lower
+with TVM for ``x86_64`` untuned, tune with ``regc.backends.tvm_tune.tune_tvm`` (trials =
+--trials-per-kernel x kernels tuned; --max-kernels keeps the heaviest by calls x FLOPs), lower again
+with the database, and time each TVM build against onnxruntime with ``regc.runtime.compare`` (calls
+interleaved, TVM at 1 thread: TVM_NUM_THREADS=1). Reported: median latencies, ratio = TVM /
+onnxruntime (goal: tuned <= 1.3), trials, tuning seconds, kernels covered, max abs output difference
+tuned vs onnxruntime. The machine is shared, so absolute numbers drift;
 the ratios are from interleaved calls in the same run.
 """
 

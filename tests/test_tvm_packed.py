@@ -8,7 +8,15 @@ import torch
 from conftest import capture_zoo
 
 import regc
-from regc.backends.tvm_backend import PRESETS, _schedule_weight_decode, fuse_kernels, import_relax, lower_tvm
+from regc.backends.tvm_backend import (
+    PRESETS,
+    _integer_weight,
+    _schedule_weight_decode,
+    _weight_names,
+    fuse_kernels,
+    import_relax,
+    lower_tvm,
+)
 
 INT4 = "quant{acts=none,speed_check=false,bits=4}"
 RF8 = "rf8"
@@ -29,15 +37,13 @@ def code_kernels(model):
     mod = fuse_kernels(import_relax(model).mod, PRESETS["x86_64"].tvm_target())
     mod = _schedule_weight_decode()(mod)
     main = mod["main"]
-    weights = {p.name for p in main.params[int(main.attrs["num_input"]):]}
+    weights = _weight_names(main)
     kernels, outputs = {}, []
     for binding in (b for block in main.body.blocks for b in block.bindings):
         call = binding.value
         if not (isinstance(call, relax.Call) and call.op.name == "relax.call_tir"):
             continue
-        args = call.args[1].fields
-        codes = [i for i, a in enumerate(args) if isinstance(a, relax.Var) and a.name in weights
-                 and "int" in str(a.ty.dtype)]
+        codes = [i for i, a in enumerate(call.args[1].fields) if _integer_weight(a, weights)]
         if codes:
             func = mod[call.args[0]]
             kernels[call.args[0].name_hint] = (s_tir.Schedule(func), {func.params[i].name for i in codes})

@@ -85,6 +85,7 @@ def test_tune_is_a_regc_command():
     assert "tune" in regc.plugins.commands()
     args = build_parser().parse_args(["tune", "m.onnx", "--target", "x86_64", "--trials", "64", "--db", "d",
                                       "--max-kernels", "8"])
-    assert (args.model, args.target, args.trials, args.db, args.max_kernels) == ("m.onnx", "x86_64", 64, "d", 8)
+    got = (args.model, args.target, args.trials, args.db, args.max_kernels)
+    assert got == ("m.onnx", "x86_64", 64, "d", 8)
     compile_args = ["compile", "m.onnx", "-p", "fold_bn", "--tuning-db", "d", "-o", "o"]
     assert build_parser().parse_args(compile_args).tuning_db == "d"

@@ -163,7 +163,8 @@ def issp(model: Model, config: IsspConfig, ctx: PassContext) -> PassResult:
     for t, m in schedule.masks.items():
         w = model.get_tensor(t)
         nnz = int((~m).sum())
-        dense, packed = 4 * w.numel(), 4 * nnz + math.ceil(w.numel() / 8)
+        size = w.element_size()  # the same values + 1-bit mask count as the exporter's packing (_sparse_pack)
+        dense, packed = size * w.numel(), size * nnz + math.ceil(w.numel() / 8)
         dense_b, packed_b = dense_b + dense, packed_b + packed
         model.annotations.setdefault(t, {}).update(
             {"mask": ~m, "sparsity": 1 - nnz / w.numel(), "pattern": config.nm or "unstructured"})

@@ -305,6 +305,8 @@ def latency_share(onnx_path: str | Path, model: Model, *, runs: int = 20) -> dic
     import onnx
     import onnxruntime as ort
 
+    if runs < 2:  # the first run is warm-up and is not counted
+        raise ConfigError(f"latency_share needs runs >= 2, got {runs}")
     by_node, by_value = _onnx_owners(onnx.load(str(onnx_path), load_external_data=False).graph, model)
     feeds = {n: t.detach().numpy() for n, t in zip(model.input_names, model.example_inputs, strict=True)}
     with tempfile.TemporaryDirectory() as tmp:

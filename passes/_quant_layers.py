@@ -44,6 +44,7 @@ from regc.passes._qdq import (
     quantize_groups,
     quantize_groups_asym,
     quantize_weight,
+    quantize_weight_pairs,
     static_qdq_node,
     store_buffers,
     weight_node,
@@ -129,17 +130,22 @@ class QLayer:
     bias_index: int | None = None  # its argument index
     bias_value: torch.Tensor | None = None
     wide: bool = False  # 8-bit codes stored uint8 (zero point 128), exact in onnxruntime's u8u8 kernels
+    pairs: bool = False  # pair-limited 8-bit codes (_qdq.quantize_weight_pairs), exact in u8s8 without VNNI
 
     @property
     def x(self) -> fx.Node | None:
         return None if self.x_index is None else self.node.args[self.x_index]
 
-    def quantize(self, model: Model, bits: int, per_channel: bool, group: int | None = None) -> None:
+    def quantize(self, model: Model, bits: int, per_channel: bool, group: int | None = None,
+                 pairs: bool = False) -> None:
         """Codes and scales of the weight; ``group``: 4-bit groups along a row (embedding: asymmetric,
-        linear: symmetric in the [out, in] layout MatMulNBits reads)."""
+        linear: symmetric in the [out, in] layout MatMulNBits reads); ``pairs``: pair-limited 8-bit codes
+        (a linear)."""
         w = model.get_tensor(self.weight)
-        self.bits, self.group = bits, group
-        if group is not None and self.kind == "embedding":
+        self.bits, self.group, self.pairs = bits, group, pairs
+        if pairs:
+            self.codes, self.scale = quantize_weight_pairs(w, self.w_axis, per_channel)
+        elif group is not None and self.kind == "embedding":
             self.codes, self.scale, self.zero = quantize_groups_asym(w, group)
         elif group is not None:
             self.codes, self.scale = quantize_groups(w if self.w_axis == 0 else w.t(), bits, group)

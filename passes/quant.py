@@ -12,8 +12,11 @@ DQ on the weight, which onnxruntime fuses into QLinearConv. Every layer is then 
 SQNR with only that layer quantized (the sensitivity table in the stats), optionally its float/int8
 time in onnxruntime (layers where int8 is slower stay float), and ``max_accuracy_drop`` gives the
 most sensitive linears full 8-bit weights (uint8 codes, exact u8u8 kernels, where reduce_range holds
-the rest to 7 bits), then keeps the most sensitive layers in float, until the model-level drop on the
-calibration data (accuracy with labels, 1 - mean output cosine without) fits.
+the rest below 8 bits), then keeps the most sensitive layers in float, until the model-level drop on
+the calibration data (accuracy with labels, 1 - mean output cosine without) fits.
+On x86 CPUs without VNNI onnxruntime's uint8 x int8 kernels saturate on full-range 8-bit codes; there
+the integer linears get pair-limited 8-bit codes (exact, see _qdq: +3.6 to +4 dB weight SQNR over the
+7-bit codes the other layers keep) and run in the same fast kernels.
 4-bit storage (groups of G along a row, two codes per byte, see _qdq): weight-only linears run as
 onnxruntime's MatMulNBits, embedding tables (asymmetric, w_hat = s_g u + m_g) decode only gathered rows.
 A rank-2 linear with a static input range gets an int32 bias so onnxruntime runs it as QGemm.
@@ -82,9 +85,10 @@ class QuantConfig:
             where int8 is slower.
         speed_batch: batch size the speed check times at when the batch dim is dynamic (0: the
             example inputs' batch).
-        reduce_range: keep 8-bit weight codes in [-63, 63] so that x86 CPUs without VNNI (whose
-            uint8 x int8 kernels add pairs of products in saturating int16) stay exact: on, off, or
-            auto (on unless this CPU has VNNI/AMX).
+        reduce_range: keep weight codes exact on x86 CPUs without VNNI (whose uint8 x int8 kernels add
+            pairs of products in saturating int16): on (7-bit codes, [-63, 63]), pairs (integer
+            linears: 8-bit codes with every same-sign pair summing to at most 128 in magnitude; other
+            layers 7-bit), off (full 8-bit), or auto (pairs unless this CPU has VNNI/AMX, then off).
     """
 
     bits: int = 8
@@ -101,7 +105,7 @@ class QuantConfig:
     max_accuracy_drop: float | None = None
     speed_check: bool = True
     speed_batch: int = 0
-    reduce_range: Literal["auto", "on", "off"] = "auto"
+    reduce_range: Literal["auto", "on", "pairs", "off"] = "auto"
 
     def __post_init__(self):
         check_range("quant", "bits", self.bits, 2, 8)
@@ -115,7 +119,7 @@ class QuantConfig:
         check_choice("quant", "weights", self.weights, ("per_channel", "per_tensor"))
         check_choice("quant", "acts", self.acts, ("static", "dynamic", "none"))
         check_choice("quant", "calib", self.calib, ("minmax", "percentile", "mse"))
-        check_choice("quant", "reduce_range", self.reduce_range, ("auto", "on", "off"))
+        check_choice("quant", "reduce_range", self.reduce_range, ("auto", "on", "pairs", "off"))
         check_range("quant", "percentile", self.percentile, 50, 100, lo_open=True)
         check_range("quant", "smooth", self.smooth, 0, 1)
         check_range("quant", "calib_samples", self.calib_samples, 1, math.inf)
@@ -145,8 +149,8 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
         groups = smooth_candidates(model, layers)
         if groups:
             smoothed = smooth(model, groups, observe(model.gm, groups, batches, ctx.seed), config.smooth)
-    reduce = config.reduce_range == "on" or (config.reduce_range == "auto" and not cpu_has_vnni())
-    wbits = min(config.bits, 7) if reduce else config.bits
+    mode = config.reduce_range if config.reduce_range != "auto" else "off" if cpu_has_vnni() else "pairs"
+    wbits = min(config.bits, 7) if mode != "off" else config.bits
     per_channel = config.weights == "per_channel"
     for q in layers:
         shape = model.get_tensor(q.weight).shape
@@ -160,6 +164,14 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
             grouped = q.packed and q.kind == "linear" and fits
             q.quantize(model, wbits, per_channel, config.group_size if grouped else None)
     _choose_acts(model, layers, batches, config, ctx.seed)
+    pairs = mode == "pairs" and config.bits == 8
+
+    def narrow(q: QLayer) -> None:  # a layer's codes below full 8 bits
+        q.quantize(model, wbits, per_channel, pairs=pairs and integer_linear(q))
+
+    for q in layers:
+        if pairs and integer_linear(q):
+            narrow(q)
     if config.speed_check:
         batch = config.speed_batch if config.speed_batch and not static_batch else None
         timings = {q.name: time_layer(q, batch) for q in layers if q.act is not None}
@@ -178,7 +190,7 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
     if config.max_accuracy_drop is not None:
         by_sensitivity = sorted((a for a in active if a.kind != "embedding"), key=lambda q: sqnr[q.name])
         if wbits < config.bits:
-            drop = _widen(model, by_sensitivity, active, (ref, batches, labels), drop, config, wbits)
+            drop = _widen(model, by_sensitivity, active, (ref, batches, labels), drop, config, narrow)
         for q in by_sensitivity:
             if drop["drop"] <= config.max_accuracy_drop:
                 break
@@ -187,7 +199,8 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
             drop = output_drop(ref, simulate(model, active, batches), labels)
     rewrite(model, active)
     stats = {
-        "bits": config.bits, "weight_code_range": 2 ** (wbits - 1) - 1, "weights": config.weights,
+        "bits": config.bits, "weight_code_range": 2 ** (wbits - 1) - 1, "reduce_range": mode,
+        "weights": config.weights,
         "acts": config.acts, "calib": config.calib,
         "layers": {q.name: _layer_stats(q, config, sqnr[q.name], timings.get(q.name)) for q in layers},
         "quantized": len(active),
@@ -215,12 +228,12 @@ def output_drop(ref: list, out: list, labels: torch.Tensor | None) -> dict:
 
 
 def _widen(model: Model, order: list[QLayer], active: list[QLayer], calib: tuple, drop: dict,
-           config: QuantConfig, wbits: int) -> dict:
+           config: QuantConfig, narrow) -> dict:
     """Give the integer linears of ``order`` full 8-bit weight codes (stored uint8, ``QLayer.wide``), in
     that order, until the drop of ``active`` on ``calib`` = (float outputs, batches, labels) fits, then
-    return the widest ones (last widened first) to ``wbits`` where the drop still fits; return the drop.
-    Without VNNI the int8 codes stay in [-63, 63] (half the resolution); the u8u8 kernels onnxruntime
-    runs for uint8 codes are exact and far faster than float, but slower than u8s8."""
+    return the widest ones (last widened first) to their narrower codes (``narrow(q)``) where the drop
+    still fits; return the drop. Without VNNI int8 codes are 7-bit or pair-limited; the u8u8 kernels
+    onnxruntime runs for uint8 codes are exact and far faster than float, but slower than u8s8."""
     ref, batches, labels = calib
     per_channel = config.weights == "per_channel"
     widened = []
@@ -235,7 +248,7 @@ def _widen(model: Model, order: list[QLayer], active: list[QLayer], calib: tuple
     if drop["drop"] > config.max_accuracy_drop:
         return drop
     for q in reversed(widened[:-1]):  # the last one was needed
-        q.quantize(model, wbits, per_channel)
+        narrow(q)
         q.wide = False
         narrowed = output_drop(ref, simulate(model, active, batches), labels)
         if narrowed["drop"] <= config.max_accuracy_drop:
@@ -314,6 +327,8 @@ def _layer_stats(q: QLayer, config: QuantConfig, sqnr: float, timing) -> dict:
            "sensitivity_sqnr_db": sqnr if math.isfinite(sqnr) else None}
     if q.wide:
         out["weight_code_range"] = 127  # stored uint8 with zero point 128 (exact u8u8 kernel)
+    elif q.pairs and not q.reason:
+        out["weight_codes"] = "8-bit, pair-limited (exact u8s8 kernel)"
     if timing is not None:
         out["onnxruntime_ms"] = {"float": round(timing[0], 4), "int8": round(timing[1], 4)}
     if q.reason:

@@ -307,6 +307,76 @@ def test_max_accuracy_drop_widens_sensitive_linears_to_exact_uint8_codes(tmp_pat
     np.testing.assert_allclose(y, got.numpy(), atol=1e-4)
 
 
+def _matmul_integer(codes: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """onnxruntime's uint8 x int8 GEMM (the kernel MatMulIntegerToFloat runs) on a [M, K] @ codes [K, N]."""
+    from onnx import TensorProto as T
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    g = oh.make_graph([oh.make_node("MatMulInteger", ["a", "w"], ["y"])], "g",
+                      [oh.make_tensor_value_info("a", T.UINT8, list(a.shape))],
+                      [oh.make_tensor_value_info("y", T.INT32, [a.shape[0], codes.shape[1]])],
+                      [nh.from_array(codes, "w")])
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"a": a})[0]
+
+
+def test_pair_limited_8bit_codes_are_exact_in_the_u8s8_kernel_and_beat_7bit():
+    """Pairs (2i, 2i+1) along K of same sign sum to at most 128 in magnitude, so onnxruntime's u8s8 GEMM
+    is exact even for all-255 inputs (full-range 8-bit codes are not, on CPUs without VNNI); the weight
+    error is well below 7-bit codes'."""
+    from regc.passes._qdq import dequantize, limit_pairs, quantize_weight, quantize_weight_pairs
+    from regc.passes._quant_speed import cpu_has_vnni
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g) * (torch.rand(48, 1, generator=g) + 0.2)  # [N, K]
+    codes, scale = quantize_weight_pairs(w, 0, True)
+    pairs = codes.to(torch.int32).reshape(48, 32, 2)
+    assert pairs.clamp(min=0).sum(-1).max() <= 128 and pairs.clamp(max=0).sum(-1).min() >= -128
+    assert codes.abs().max() > 63  # more than 7 bits used
+    err = (w - dequantize(codes, scale, 0)).pow(2).sum()
+    c7, s7 = quantize_weight(w, 7, 0)
+    assert err < 0.6 * (w - dequantize(c7, s7, 0)).pow(2).sum()
+    c = torch.randint(-127, 128, (8, 33), generator=g, dtype=torch.int8)
+    lim = limit_pairs(c)
+    pad = torch.nn.functional.pad(c.to(torch.int32), (0, 1)).reshape(8, 17, 2)
+    ok = (pad.clamp(min=0).sum(-1) <= 128) & (pad.clamp(max=0).sum(-1) >= -128)
+    assert torch.equal(torch.nn.functional.pad(lim.to(torch.int32), (0, 1)).reshape(8, 17, 2)[ok], pad[ok])
+
+    a = np.concatenate([np.full((4, 64), 255, np.uint8), np.random.default_rng(0).integers(0, 256, (4, 64))
+                        .astype(np.uint8)])
+    limited = codes.t().contiguous().numpy()
+    np.testing.assert_array_equal(_matmul_integer(limited, a), a.astype(np.int64) @ limited.astype(np.int64))
+    if not cpu_has_vnni():
+        full = quantize_weight(w, 8, 0)[0].t().contiguous().numpy()
+        assert not np.array_equal(_matmul_integer(full, a), a.astype(np.int64) @ full.astype(np.int64))
+
+
+def test_reduce_range_pairs_is_more_accurate_than_7bit_and_exact_in_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    m = regc.capture(_Attention(), (torch.randn(2, 7, 64),))
+    data = regc.Dataset({"x": torch.randn(16, 7, 64)})
+    _, seven = _run(m.clone(), "quant{speed_check=false,reduce_range=on}", data)
+    q, stats = _run(m, "quant{speed_check=false,reduce_range=pairs}", data)
+    assert stats["reduce_range"] == "pairs" and stats["quantized"] == 4
+    assert all(v.get("weight_codes", "").startswith("8-bit, pair-limited") for v in stats["layers"].values())
+    assert stats["calibration"]["drop"] < seven["calibration"]["drop"]
+    for name, v in stats["layers"].items():  # one layer quantized at a time (activation error included)
+        assert v["sensitivity_sqnr_db"] > seven["layers"][name]["sensitivity_sqnr_db"] + 0.5, name
+    q.save(tmp_path / "q.onnx")
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    b = [inits[n.input[1]] for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(b) == 4 and all(w.dtype == np.int8 and np.abs(w).max() > 63 for w in b)
+    x = torch.randn(2, 7, 64) * 3  # large codes: saturating u8s8 pair sums would show here
+    with torch.no_grad():
+        got = q(x)
+    y = _ort(tmp_path / "q.onnx").run(None, {q.input_names[0]: x.numpy()})[0]
+    np.testing.assert_allclose(y, got.numpy(), atol=1e-4)
+
+
 def test_pool_of_a_float_relu_stays_float_in_front_of_an_int8_conv(tmp_path, monkeypatch):
     m, d, calib = _digits()
     def conv1_float(layer, batch=None):

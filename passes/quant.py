@@ -325,7 +325,7 @@ def _layer_stats(q: QLayer, config: QuantConfig, sqnr: float, timing) -> dict:
     out = {"op": q.kind, "format": "float" if q.reason else f"int{bits}" + ("_packed" if q.packed else ""),
            "bits": 32 if q.reason else bits, "granularity": gran, "activation": act,
            "sensitivity_sqnr_db": sqnr if math.isfinite(sqnr) else None}
-    if q.wide:
+    if q.wide and not q.reason:
         out["weight_code_range"] = 127  # stored uint8 with zero point 128 (exact u8u8 kernel)
     elif q.pairs and not q.reason:
         out["weight_codes"] = "8-bit, pair-limited (exact u8s8 kernel)"

@@ -6,9 +6,11 @@ inlining) that minimizes ``latency(K, s)``, measured on this machine. Candidates
 evolutionary search ranked by an XGBoost cost model fitted to the measurements so far; a gradient
 task scheduler spends the budget where it cuts ``sum_K calls(K) * latency(K)`` most. ``trials`` is the
 total number of measured candidates over all kernels (``trials / kernels`` each, at the least one
-round), so tuning time grows linearly with it. Each kernel also costs a fixed search overhead (the
-evolutionary search and a fresh builder process, ~1 minute here), so ``max_kernels`` can restrict
-tuning to the kernels with the most work, ``calls(K) * FLOPs(K)``; the others keep default schedules.
+round), so tuning time grows linearly with it. Each measured batch (up to 64 candidates of one kernel)
+also costs a fixed search overhead (the evolutionary search, ~30 s here; builds take ~0.5 s and
+measurements ~0.1 s a candidate), so ``max_kernels`` can restrict tuning to the kernels with the most
+work, ``calls(K) * FLOPs(K)``; the others keep default schedules. Candidates are compiled in one
+builder process kept for the whole tune (TVM's ``LocalBuilder`` starts a new one, ~15 s, per batch).
 
 Untuned CPU builds are 22-155x slower than onnxruntime (ARCHITECTURE.md section 5): tune once per
 model, shapes and target, then reuse the folder::
@@ -45,6 +47,8 @@ FORMAT_VERSION = 1
 # Each candidate is built and run in a worker process that imports tvm first (seconds on a busy
 # machine); TVM's 30 s default times such candidates out and loses them.
 _TIMEOUT_S = 300.0
+# Candidates one builder process compiles before it is restarted (see _reusing_builder).
+_BUILDS_PER_PROCESS = 256
 
 
 def import_tensor_intrinsics() -> None:
@@ -197,23 +201,27 @@ def tune_tvm(
         f"{trials} trials (<= {per_task} per kernel)")
     t0 = time.perf_counter()
     progress = _progress_callback(trials, t0, log)
-    with tempfile.TemporaryDirectory(prefix="regc-tune-") as work:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            extracted, work_dir=work, seed=seed)
-        ms.tune.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=work,
-            max_trials_global=trials,
-            max_trials_per_task=per_task,
-            num_trials_per_iter=min(64, per_task),
-            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=_TIMEOUT_S,
-                                            initializer=import_tensor_intrinsics),
-            runner=ms.runner.LocalRunner(timeout_sec=_TIMEOUT_S, evaluator_config=ms.runner.EvaluatorConfig(
-                number=3, repeat=1, min_repeat_ms=20)),
-            database=ms.database.JSONDatabase(work_dir=str(db)),
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
-        )
+    builder = _reusing_builder(timeout_sec=_TIMEOUT_S, initializer=import_tensor_intrinsics)
+    try:
+        with tempfile.TemporaryDirectory(prefix="regc-tune-") as work:
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                extracted, work_dir=work, seed=seed)
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=work,
+                max_trials_global=trials,
+                max_trials_per_task=per_task,
+                num_trials_per_iter=min(64, per_task),
+                builder=builder,
+                runner=ms.runner.LocalRunner(
+                    timeout_sec=_TIMEOUT_S,
+                    evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)),
+                database=ms.database.JSONDatabase(work_dir=str(db)),
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+            )
+    finally:
+        builder.close()
     seconds = time.perf_counter() - t0
     prev = previous.info if previous else {}
     info = {
@@ -237,6 +245,59 @@ def heaviest_kernels(tasks: list[Any], n: int) -> list[Any]:
     from tvm.s_tir.analysis import estimate_tir_flops
 
     return sorted(tasks, key=lambda t: -t.weight * estimate_tir_flops(t.dispatched[0]))[:n]
+
+
+def _reusing_builder(*, timeout_sec: float, initializer: Callable[[], None],
+                     max_process_uses: int = _BUILDS_PER_PROCESS) -> Any:
+    """A MetaSchedule ``LocalBuilder`` with one worker process (two built a batch slower on a shared
+    2-core machine) that it keeps for the whole tune; ``close()`` ends it.
+
+    TVM's ``LocalBuilder`` starts a fresh process pool for every batch of candidates, and once more
+    for its sanity check: each start imports tvm and runs ``initializer`` (the tensor intrinsics),
+    ~10-15 s here, i.e. a third of building a 64-candidate batch (0.5 s a candidate). Reusing the
+    process keeps that cost to one start per ``max_process_uses`` builds; restarting then bounds the
+    memory that TVM's comment says leaks in long-lived builder workers. Builds and their results are
+    the same as ``LocalBuilder``'s."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, LocalBuilder
+    from tvm.s_tir.meta_schedule.builder import local_builder as lb
+    from tvm.s_tir.meta_schedule.utils import get_global_func_with_default_on_worker
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    @derived_object
+    class ReusingBuilder(LocalBuilder._cls):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            self.pool = PopenPoolExecutor(max_workers=1, timeout=timeout_sec, initializer=initializer,
+                                          maximum_process_uses=max_process_uses)
+            super().__init__(max_workers=1, timeout_sec=timeout_sec, initializer=initializer)
+
+        def _sanity_check(self) -> None:
+            f_build, f_export = self.f_build, self.f_export
+
+            def check() -> None:
+                get_global_func_with_default_on_worker(name=f_build, default=None)
+                get_global_func_with_default_on_worker(name=f_export, default=None)
+
+            self.pool.submit(check).result()
+
+        def build(self, build_inputs: list[Any]) -> list[Any]:
+            jobs = [(self.f_build, self.f_export, b.mod, b.target, lb._serialize_params(b.params))
+                    for b in build_inputs]
+            results = []
+            for r in self.pool.map_with_error_catching(lambda job: lb._worker_func(*job), jobs):
+                if r.status == StatusKind.COMPLETE:
+                    results.append(BuilderResult(r.value, None))
+                elif r.status == StatusKind.TIMEOUT:
+                    results.append(BuilderResult(
+                        None, f"LocalBuilder: Timeout, killed after {self.timeout_sec} seconds"))
+                else:
+                    results.append(BuilderResult(None, f"LocalBuilder: An exception occurred\n{r.value}"))
+            return results
+
+        def close(self) -> None:
+            self.pool.shutdown()
+
+    return ReusingBuilder()
 
 
 def _progress_callback(total: int, t0: float, log: Callable[[str], None]) -> Any:

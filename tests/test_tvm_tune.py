@@ -49,6 +49,30 @@ def test_tuned_build_uses_the_database_and_matches_the_untuned_build(tmp_path):
     np.testing.assert_allclose(tuned(x).numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_the_builder_keeps_its_worker_process_across_batches():
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    from regc.backends.tvm_tune import _reusing_builder, import_tensor_intrinsics
+
+    a = te.placeholder((16,), name="a")
+    b = te.compute((16,), lambda i: a[i] * 2.0, name="b")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b])})
+    builder = _reusing_builder(timeout_sec=300, initializer=import_tensor_intrinsics)
+    try:
+        pids = []
+        for _ in range(2):  # two batches, as tune_tasks sends them
+            results = builder.build([ms.builder.BuilderInput(mod, tvm.target.Target("llvm"))] * 2)
+            assert [r.error_msg for r in results] == [None, None]
+            assert all(r.artifact_path.endswith(".tar") for r in results)
+            pids += [w._proc.pid for w in builder.pool._worker_map.values()]
+        assert len(pids) == 2 and pids[0] == pids[1]  # one worker, not a new process per batch
+    finally:
+        builder.close()
+
+
 def write_info(folder, **changes):
     folder.mkdir()
     info = {"format_version": 1, "preset": "x86_64", "target": {"kind": "llvm"}, "versions": {}}

@@ -99,6 +99,11 @@ def test_tune_refuses_bad_requests(tmp_path):
         tune_tvm(model, trials=4, db=tmp_path / "db", max_kernels=0)
     with pytest.raises(ConfigError, match="'aarch64' code cannot run here"):
         tune_tvm(model, "aarch64", trials=4, db=tmp_path / "db")
+    dynamic = regc.Model(gm=model.gm, input_names=["x"], output_names=["y"], example_inputs=model.example_inputs,
+                         dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    with pytest.raises(ConfigError, match=r"static input shapes.*\{'x': \[0\]\}"):
+        tune_tvm(dynamic, trials=4, db=tmp_path / "db")
+    assert not (tmp_path / "db").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="exists and is not a tuning database"):

@@ -6,7 +6,8 @@ Weights that ``issp`` made sparse are stored packed (non-zeros + bitmask, see `_
 
 Exact GELU is written in the operand order onnxruntime fuses into one ``Gelu`` kernel,
 ``(x * (1 + erf(x / sqrt(2)))) * 0.5``; torch's own translation writes ``x * (0.5 * (1 + erf(..)))``, the same
-values (x 0.5 is exact) in an order onnxruntime does not match, which leaves five elementwise kernels per GELU.
+values (x 0.5 is exact) in an order onnxruntime does not match, which leaves five elementwise kernels
+per GELU.
 (The tanh form is written plainly: onnxruntime 1.32's CPU graph fuses none of the orders tried.)
 """
 

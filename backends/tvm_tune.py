@@ -176,8 +176,8 @@ def tune_tvm(
         raise ConfigError(f"--max-kernels must be a positive integer, got {max_kernels!r}")
     dynamic = {n: sorted(d) for n in model.input_names if (d := model.dynamic_dims(n))}
     if dynamic:  # MetaSchedule fails inside TVM on kernels with symbolic dims ("old_rv != nullptr")
-        raise ConfigError(f"tuning needs static input shapes (schedules are tuned for one shape); dynamic dims "
-                          f"{dynamic}: capture or export the model with the shapes it will run at")
+        raise ConfigError(f"tuning needs static input shapes (schedules are tuned for one shape); dynamic "
+                          f"dims {dynamic}: capture or export the model with the shapes it will run at")
     try:
         import xgboost  # noqa: F401  (MetaSchedule's cost model)
     except ImportError as e:

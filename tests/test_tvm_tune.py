@@ -99,7 +99,8 @@ def test_tune_refuses_bad_requests(tmp_path):
         tune_tvm(model, trials=4, db=tmp_path / "db", max_kernels=0)
     with pytest.raises(ConfigError, match="'aarch64' code cannot run here"):
         tune_tvm(model, "aarch64", trials=4, db=tmp_path / "db")
-    dynamic = regc.Model(gm=model.gm, input_names=["x"], output_names=["y"], example_inputs=model.example_inputs,
+    dynamic = regc.Model(gm=model.gm, input_names=["x"], output_names=["y"],
+                         example_inputs=model.example_inputs,
                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
     with pytest.raises(ConfigError, match=r"static input shapes.*\{'x': \[0\]\}"):
         tune_tvm(dynamic, trials=4, db=tmp_path / "db")

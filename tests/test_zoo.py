@@ -237,7 +237,8 @@ def test_digits_mlp_accuracy_and_deterministic_training():
 
     d = digits_data()
     zm = digits_mlp()
-    assert zm.input_names == ["image"] and not any(isinstance(x, torch.nn.BatchNorm1d) for x in zm.module.modules())
+    assert zm.input_names == ["image"]
+    assert not any(isinstance(x, torch.nn.BatchNorm1d) for x in zm.module.modules())
     assert accuracy(zm.module, d.x_test, d.y_test) >= 0.95
     retrained = _mlp_state.__wrapped__()
     assert all(torch.equal(v, retrained[k]) for k, v in zm.module.state_dict().items())

@@ -53,7 +53,8 @@ def test_minilm_round_trip(tmp_path):
 
 def test_exported_gelu_fuses_in_onnxruntime(tmp_path):
     """The BERT block's exact GELU is exported in the operand order onnxruntime fuses: one (Bias)Gelu kernel
-    per layer in its optimized graph, no Erf left (torch's own order left Div/Erf/Add/Mul/Mul); same outputs."""
+    per layer in its optimized graph, no Erf left (torch's own order left Div/Erf/Add/Mul/Mul); same
+    outputs."""
     import onnxruntime as ort
 
     z = ZOO["bert_encoder"]()
@@ -66,7 +67,7 @@ def test_exported_gelu_fuses_in_onnxruntime(tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     layers = len(z.module.layers)
     assert ops.count("Gelu") + ops.count("BiasGelu") == layers and "Erf" not in ops, ops
-    got = sess.run(None, {k: t.numpy() for k, t in zip(z.input_names, z.example_inputs)})[0]
+    got = sess.run(None, {k: t.numpy() for k, t in zip(z.input_names, z.example_inputs, strict=True)})[0]
     with torch.no_grad():
         want = z.module(*z.example_inputs)
     torch.testing.assert_close(torch.from_numpy(got), want, **TOL)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from _common import write_json
+from _common import interleaved, ort_session, write_json
 
 import regc
 from regc.zoo import SENTENCES, minilm, minilm_tokenize
@@ -32,34 +32,11 @@ from regc.zoo import SENTENCES, minilm, minilm_tokenize
 LAYERS = "bert.encoder.*"
 
 
-def session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def feeds(batch: int, seq: int) -> dict[str, np.ndarray]:
     """Real sentences, padded to ``seq`` tokens, repeated to ``batch`` rows."""
     sents = (SENTENCES * (batch // len(SENTENCES) + 1))[:batch]
     ids, mask = minilm_tokenize(sents, seq)
     return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-
-
-def time_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], runs: int,
-                     warmup: int) -> dict[str, list[float]]:
-    """Milliseconds per run of every session; each round runs every session once, in rotating order."""
-    names = list(sessions)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(warmup + runs):
-        for n in names[i % len(names):] + names[:i % len(names)]:
-            t0 = time.perf_counter()
-            sessions[n].run(None, feed)
-            if i >= warmup:
-                times[n].append(1e3 * (time.perf_counter() - t0))
-    return times
 
 
 def main() -> None:
@@ -93,7 +70,7 @@ def main() -> None:
         model.save(str(paths[name]))
         with torch.no_grad():
             emb = model(*heldout)
-            onnx_emb = session(paths[name]).run(None, {"input_ids": heldout[0].numpy(),
+            onnx_emb = ort_session(paths[name]).run(None, {"input_ids": heldout[0].numpy(),
                                                       "attention_mask": heldout[1].numpy()})[0]
             cos_fw, cos_svd = torch.cosine_similarity(emb, ref), torch.cosine_similarity(plain(*heldout), ref)
         stats = records[0]["stats"]
@@ -105,7 +82,7 @@ def main() -> None:
                       "cosine_to_dense_min": round(float(cos_fw.min()), 4),
                       "svd_cosine_to_dense_mean": round(float(cos_svd.mean()), 4),
                       "svd_cosine_to_dense_min": round(float(cos_svd.min()), 4)}
-    sessions = {n: session(p) for n, p in paths.items()}
+    sessions = {n: ort_session(p) for n, p in paths.items()}
 
     result = {
         "bench": "fwsvd_latency",
@@ -119,7 +96,9 @@ def main() -> None:
     }
     for shape in args.shapes.split(","):
         b, s = (int(v) for v in shape.split("x"))
-        times = time_interleaved(sessions, feeds(b, s), args.runs, args.warmup)
+        feed = feeds(b, s)
+        calls = {n: (lambda x=x, feed=feed: x.run(None, feed)) for n, x in sessions.items()}
+        times = interleaved(calls, args.runs, args.warmup)
         base = float(np.median(times["dense"]))
         for name, ts in times.items():
             med = float(np.median(ts))

@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from _common import capture, write_json
+from _common import capture, interleaved, ort_session, write_json
 from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from quant_minilm import PASSES, session
+from quant_minilm import PASSES
 
 import regc
 from regc.pipeline import parse_pipeline
@@ -103,27 +102,6 @@ def encoder_files(ids, mask, tmp: Path) -> dict[str, Path]:
     return files
 
 
-def _options() -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return so
-
-
-def interleaved(calls: dict, runs: int) -> dict[str, float]:
-    """Median seconds of each zero-argument call, the calls interleaved round by round."""
-    for f in calls.values():
-        for _ in range(5):
-            f()
-    times = {k: [] for k in calls}
-    for _ in range(runs):
-        for k, f in calls.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "int8_gemm_bound.json"))
@@ -132,16 +110,15 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.seq, HIDDEN)).astype(np.float32)
-    sessions = {v: ort.InferenceSession(chain_graph(args.seq, v, rng), _options(),
-                                        providers=["CPUExecutionProvider"]) for v in VARIANTS}
+    sessions = {v: ort_session(chain_graph(args.seq, v, rng)) for v in VARIANTS}
     calls = {v: (lambda s=s: s.run(None, {"x": x})) for v, s in sessions.items()}
     ids, mask = minilm_tokenize(SENTENCES, max_len=args.seq)
     feed = {"input_ids": ids[3:4].numpy(), "attention_mask": mask[3:4].numpy()}
     with tempfile.TemporaryDirectory(prefix="regc-bound-") as tmp:
-        encoders = {k: session(p) for k, p in encoder_files(ids, mask, Path(tmp)).items()}
+        encoders = {k: ort_session(p) for k, p in encoder_files(ids, mask, Path(tmp)).items()}
     for k, enc in encoders.items():
         calls[f"{k}_encoder"] = lambda enc=enc: enc.run(None, feed)
-    med = interleaved(calls, args.runs)
+    med = {k: float(np.median(v)) / 1e3 for k, v in interleaved(calls, args.runs, warmup=5).items()}
     chains = {v: {"median_ms": med[v] * 1e3, "ratio_to_fp32": med[v] / med["fp32_matmul"]} for v in VARIANTS}
     for v, c in chains.items():
         print(f"{v:18s} {c['median_ms']:.2f} ms  {c['ratio_to_fp32']:.3f}x", flush=True)

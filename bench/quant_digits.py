@@ -21,13 +21,12 @@ import argparse
 import collections
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from _common import capture, write_json
+from _common import capture, interleaved, ort_session, write_json
 
 import regc
 from regc.pipeline import parse_pipeline
@@ -39,12 +38,7 @@ VARIANTS = {"regc": "quant{speed_batch=64}", "regc_forced": "quant{speed_check=f
 
 def node_profile(path: Path, feed: dict, runs: int, tmp: Path) -> dict[str, float]:
     """Median kernel time (us) per node of ``path`` over ``runs`` runs, from onnxruntime's profiler."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.enable_profiling = True
-    so.profile_file_prefix = str(tmp / path.stem)
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, profile_prefix=str(tmp / path.stem))
     for _ in range(runs):
         sess.run(None, feed)
     times = collections.defaultdict(list)
@@ -52,14 +46,6 @@ def node_profile(path: Path, feed: dict, runs: int, tmp: Path) -> dict[str, floa
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             times[f"{e['args']['op_name']} {e['name'][:-len('_kernel_time')]}"].append(e["dur"])
     return {k: float(np.median(v)) for k, v in times.items()}
-
-
-def session(path: Path, optimized: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -80,7 +66,7 @@ def main() -> None:
         q.save(tmp / f"{name}.onnx")
         stats[name] = records[0]["stats"]
     names = ["fp32", *VARIANTS]
-    sessions = {k: session(tmp / f"{k}.onnx", tmp / f"{k}.opt.onnx") for k in names}
+    sessions = {k: ort_session(tmp / f"{k}.onnx", tmp / f"{k}.opt.onnx") for k in names}
     x_test, y_test = d.x_test.numpy(), d.y_test.numpy()
     models = {k: {"accuracy": float((s.run(None, {"image": x_test})[0].argmax(1) == y_test).mean()),
                   "int8_kernels": dict(collections.Counter(
@@ -90,12 +76,8 @@ def main() -> None:
               for k, s in sessions.items()}
     for bs in (1, 64):
         feed = {"image": x_test[:bs]}
-        times = {k: [] for k in names}
-        for _ in range(args.runs):
-            for k in names:
-                t0 = time.perf_counter()
-                sessions[k].run(None, feed)
-                times[k].append((time.perf_counter() - t0) * 1e3)
+        calls = {k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()}
+        times = interleaved(calls, args.runs)
         for k in names:
             med, lo = float(np.median(times[k])), float(np.min(times[k]))
             models[k][f"batch{bs}"] = {"median_ms": med, "min_ms": lo,

@@ -4,9 +4,9 @@
 
 Default pipeline: quant{embedding_bits=4,max_accuracy_drop=0.0045}: int8 linears (static, SmoothQuant;
 MatMulIntegerToFloat with the bias in the kernel, one Q per activation), the vocabulary table in 4-bit
-groups, and the most sensitive linears given full 8-bit weights (uint8 codes, exact u8u8 kernels; the
-others keep 7-bit codes as this CPU has no VNNI), then kept float, until the cosine drop on the
-calibration sentences is at most 0.0045 (cosine >= 0.9955 there).
+groups, 8-bit weight codes that are pair-limited on CPUs without VNNI (exact in onnxruntime's fast u8s8
+kernel, see quant's reduce_range); should the cosine drop on the calibration sentences exceed 0.0045
+(cosine >= 0.9955 there), the most sensitive linears get full uint8 codes (u8u8), then stay float.
 
 Calibration: the first 16 of ``regc.zoo.SENTENCES``; fidelity is reported on all 32 and on the 16
 held-out ones. Every model is exported to ONNX and run by onnxruntime (1 intra/inter-op thread):
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from _common import capture, write_json
+from _common import capture, interleaved, ort_session, write_json
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import regc
@@ -43,31 +43,9 @@ PASSES = "quant{embedding_bits=4,max_accuracy_drop=0.0045}"
 INT8_KERNELS = ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulInteger", "QGemm")
 
 
-def session(path: Path, optimized: Path | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    if optimized is not None:
-        so.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def embed(sess: ort.InferenceSession, ids, mask) -> np.ndarray:
     return np.concatenate([sess.run(None, {"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]})[0]
                            for i in range(len(ids))])
-
-
-def interleaved_latency(sessions: dict[str, ort.InferenceSession], feed: dict, runs: int) -> dict:
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feed)
-    times = {k: [] for k in sessions}
-    for _ in range(runs):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v))} for k, v in times.items()}
 
 
 def main() -> None:
@@ -92,10 +70,11 @@ def main() -> None:
                      per_channel=True)
 
     ids_np, mask_np = ids.numpy(), mask.numpy()
-    sessions = {k: session(p, tmp / f"{k}.opt.onnx") for k, p in paths.items()}
+    sessions = {k: ort_session(p, tmp / f"{k}.opt.onnx") for k, p in paths.items()}
     ref = embed(sessions["fp32"], ids_np, mask_np)
     feed = {"input_ids": ids_np[3:4], "attention_mask": mask_np[3:4]}
-    latency = interleaved_latency(sessions, feed, args.runs)
+    times = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, args.runs)
+    latency = {k: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v))} for k, v in times.items()}
     fp_bytes = paths["fp32"].stat().st_size
     fp_init = sum(len(i.raw_data) for i in onnx.load(str(paths["fp32"])).graph.initializer)
     models = {}

@@ -90,21 +90,16 @@ def quantize_weight_pairs(w: torch.Tensor, out_axis: int, per_channel: bool
     wk = w.detach().float()
     wk = wk if out_axis == 0 else wk.t()
     amax = wk.abs().amax(1) if per_channel else wk.abs().amax().expand(wk.shape[0])
-    best_err, best = None, None
+    best_err = torch.full_like(amax, torch.inf)
+    best_q, best_s = torch.zeros(wk.shape, dtype=torch.int8), torch.ones_like(amax)
     for c in range(63, 128, 2):
         scale = torch.where(amax > 0, amax / c, torch.ones_like(amax))
         q = limit_pairs(torch.clamp(torch.round(wk / scale[:, None]), -127, 127))
         err = (wk - q.float() * scale[:, None]).pow(2).sum(1)
-        if not per_channel:
-            err = err.sum().expand_as(amax)
-        if best_err is None:
-            best_err, best = err, (q, scale)
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = (torch.where(better[:, None], q, best[0]), torch.where(better, scale, best[1]))
-    q, scale = best
-    return (q if out_axis == 0 else q.t().contiguous()), (scale if per_channel else scale[0])
+        better = err < best_err if per_channel else (err.sum() < best_err[0]).expand_as(amax)
+        best_err = torch.where(better, err if per_channel else err.sum(), best_err)
+        best_q, best_s = torch.where(better[:, None], q, best_q), torch.where(better, scale, best_s)
+    return (best_q if out_axis == 0 else best_q.t().contiguous()), (best_s if per_channel else best_s[0])
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, axis: int | None) -> torch.Tensor:

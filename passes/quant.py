@@ -152,6 +152,12 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
     mode = config.reduce_range if config.reduce_range != "auto" else "off" if cpu_has_vnni() else "pairs"
     wbits = min(config.bits, 7) if mode != "off" else config.bits
     per_channel = config.weights == "per_channel"
+    pairs = mode == "pairs" and config.bits == 8
+    _choose_acts(model, layers, batches, config, ctx.seed)  # first: integer_linear needs the activations
+
+    def narrow(q: QLayer, group: int | None = None) -> None:  # a layer's codes below full 8 bits
+        q.quantize(model, wbits, per_channel, group, pairs=pairs and integer_linear(q))
+
     for q in layers:
         shape = model.get_tensor(q.weight).shape
         fits = shape[1 if q.kind == "embedding" or q.w_axis == 0 else 0] % config.group_size == 0
@@ -161,17 +167,7 @@ def quant(model: Model, config: QuantConfig, ctx: PassContext) -> PassResult:
             q.packed = four
         else:
             q.packed = config.bits <= 4 and config.acts == "none"
-            grouped = q.packed and q.kind == "linear" and fits
-            q.quantize(model, wbits, per_channel, config.group_size if grouped else None)
-    _choose_acts(model, layers, batches, config, ctx.seed)
-    pairs = mode == "pairs" and config.bits == 8
-
-    def narrow(q: QLayer) -> None:  # a layer's codes below full 8 bits
-        q.quantize(model, wbits, per_channel, pairs=pairs and integer_linear(q))
-
-    for q in layers:
-        if pairs and integer_linear(q):
-            narrow(q)
+            narrow(q, config.group_size if q.packed and q.kind == "linear" and fits else None)
     if config.speed_check:
         batch = config.speed_batch if config.speed_batch and not static_batch else None
         timings = {q.name: time_layer(q, batch) for q in layers if q.act is not None}

@@ -137,12 +137,12 @@ class QLayer:
         return None if self.x_index is None else self.node.args[self.x_index]
 
     def quantize(self, model: Model, bits: int, per_channel: bool, group: int | None = None,
-                 pairs: bool = False) -> None:
+                 pairs: bool = False, wide: bool = False) -> None:
         """Codes and scales of the weight; ``group``: 4-bit groups along a row (embedding: asymmetric,
         linear: symmetric in the [out, in] layout MatMulNBits reads); ``pairs``: pair-limited 8-bit codes
-        (a linear)."""
+        (a linear); ``wide``: the 8-bit codes are stored uint8 (an integer linear)."""
         w = model.get_tensor(self.weight)
-        self.bits, self.group, self.pairs = bits, group, pairs
+        self.bits, self.group, self.pairs, self.wide = bits, group, pairs, wide
         if pairs:
             self.codes, self.scale = quantize_weight_pairs(w, self.w_axis, per_channel)
         elif group is not None and self.kind == "embedding":

@@ -237,21 +237,18 @@ def _widen(model: Model, order: list[QLayer], active: list[QLayer], calib: tuple
         if drop["drop"] <= config.max_accuracy_drop:
             break
         if integer_linear(q):
-            q.quantize(model, 8, per_channel)
-            q.wide = True
+            q.quantize(model, 8, per_channel, wide=True)
             widened.append(q)
             drop = output_drop(ref, simulate(model, active, batches), labels)
     if drop["drop"] > config.max_accuracy_drop:
         return drop
     for q in reversed(widened[:-1]):  # the last one was needed
         narrow(q)
-        q.wide = False
         narrowed = output_drop(ref, simulate(model, active, batches), labels)
         if narrowed["drop"] <= config.max_accuracy_drop:
             drop = narrowed
         else:
-            q.quantize(model, 8, per_channel)
-            q.wide = True
+            q.quantize(model, 8, per_channel, wide=True)
     return drop
 
 

@@ -1,4 +1,6 @@
-"""regc backends: ONNX export, TVM lowering, Triton kernels (torch.ops.regc.*). Importing registers them with regc core."""
+"""regc backends: ONNX export, TVM lowering, Triton kernels (torch.ops.regc.*).
+
+Importing registers them with regc core."""
 
 from regc.backends import triton  # noqa: F401  (registers torch.ops.regc.{int8,int4,table}_linear)
 from regc.backends.onnx_export import export_onnx

@@ -2,11 +2,13 @@
 
     nice -n 5 python bench/tvm_tuned.py [--out bench/results/tvm_tuned.json] [--trials-per-kernel 4]
                                         [--max-kernels N] [--models resnet18_style,minilm] [--seq 32]
+                                        [--target x86_64_v3]
 
 Per model after ``fold_bn`` (``regc.zoo.resnet18_style``: 1x3x32x32; ``regc.zoo.minilm``: 1 sentence
 padded to --seq tokens, static shapes): export ONNX (the baseline, onnxruntime CPU, 1 thread), lower
-with TVM for ``x86_64`` untuned, tune with ``regc.backends.tvm_tune.tune_tvm`` (trials =
---trials-per-kernel x kernels tuned; --max-kernels keeps the heaviest by calls x FLOPs), lower again
+with TVM for --target (default ``x86_64_v3``: AVX2+FMA) untuned, tune with
+``regc.backends.tvm_tune.tune_tvm`` (trials = --trials-per-kernel x kernels tuned; --max-kernels keeps
+the heaviest by calls x FLOPs), lower again
 with the database, and time each TVM build against onnxruntime with ``regc.runtime.compare`` (calls
 interleaved, TVM at 1 thread: TVM_NUM_THREADS=1). Reported: median latencies, ratio = TVM /
 onnxruntime (goal: tuned <= 1.3), trials, tuning seconds, kernels covered, max abs output difference
@@ -49,7 +51,8 @@ def static_model(name: str, seq: int) -> regc.Model:
     return regc.compress(model, "fold_bn")  # onnxruntime folds BN into convs at load time too
 
 
-def run_model(name: str, trials_per_kernel: int, max_kernels: int | None, seq: int, work: Path) -> dict:
+def run_model(name: str, preset: str, trials_per_kernel: int, max_kernels: int | None, seq: int,
+              work: Path) -> dict:
     model = static_model(name, seq)
     onnx_path = work / f"{name}.onnx"
     model.save(str(onnx_path))
@@ -58,26 +61,25 @@ def run_model(name: str, trials_per_kernel: int, max_kernels: int | None, seq: i
     want = ort.run(feeds)[model.output_names[0]]
 
     t0 = time.perf_counter()
-    untuned = lower_tvm(model).save(work / f"{name}-untuned")
+    untuned = lower_tvm(model, preset).save(work / f"{name}-untuned")
     untuned_build_s = time.perf_counter() - t0
     untuned_cmp = compare(untuned, ort, feeds, warmup=2, budget_s=3.0)
 
-    from tvm.s_tir import meta_schedule as ms
+    from regc.backends.tvm_backend import PRESETS, fuse_kernels, import_relax, kernel_tasks
 
-    from regc.backends.tvm_backend import PRESETS, fuse_kernels, import_relax
-
-    target = PRESETS["x86_64"].tvm_target()
-    kernels = len(ms.relax_integration.extract_tasks(fuse_kernels(import_relax(model).mod, target), target))
+    target = PRESETS[preset].tvm_target()
+    kernels = len(kernel_tasks(fuse_kernels(import_relax(model).mod, target), target))
     trials = trials_per_kernel * min(kernels, max_kernels or kernels)
     t0 = time.perf_counter()
-    db = tune_tvm(model, trials=trials, db=work / f"{name}-db", max_kernels=max_kernels,
+    db = tune_tvm(model, preset, trials=trials, db=work / f"{name}-db", max_kernels=max_kernels,
                   log=lambda s: print(f"  {name}: {s}", flush=True))
     tune_s = time.perf_counter() - t0
-    tuned_art = lower_tvm(model, tuning_db=db.path)
+    tuned_art = lower_tvm(model, preset, tuning_db=db.path)
     tuned = tuned_art.save(work / f"{name}-tuned")
     tuned_cmp = compare(tuned, ort, feeds, warmup=3, budget_s=5.0)
     got = open_artifact(tuned).run(feeds)[model.output_names[0]]
     return {
+        "target": preset,
         "inputs": {n: list(a.shape) for n, a in feeds.items()},
         "kernels": kernels,
         "max_kernels": max_kernels,
@@ -100,6 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/tvm_tuned.json")
     ap.add_argument("--models", default="resnet18_style,minilm")
+    ap.add_argument("--target", default="x86_64_v3", help="TVM preset (x86_64: generic, SSE2 only)")
     ap.add_argument("--trials-per-kernel", type=int, default=4)
     ap.add_argument("--max-kernels", type=int, help="tune only the heaviest kernels (calls x FLOPs)")
     ap.add_argument("--seq", type=int, default=32)
@@ -109,7 +112,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="regc-bench-tvm-") as tmp:
         for name in args.models.split(","):
             t0 = time.perf_counter()
-            results[name] = run_model(name, args.trials_per_kernel, args.max_kernels, args.seq, Path(tmp))
+            results[name] = run_model(name, args.target, args.trials_per_kernel, args.max_kernels, args.seq,
+                                      Path(tmp))
             results[name]["total_seconds"] = round(time.perf_counter() - t0, 1)
             results[name]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
             print(name, json.dumps(results[name]), flush=True)
@@ -121,7 +125,7 @@ def write(path: str, results: dict) -> None:
     is tuned and timed in one run of its own; a ResNet run and a MiniLM run can share one file)."""
     previous = json.loads(Path(path).read_text())["results"] if Path(path).exists() else {}
     out = {
-        "what": "TVM x86_64 (MetaSchedule-tuned and untuned) vs onnxruntime fp32, 1 thread, batch 1, "
+        "what": "TVM x86 (MetaSchedule-tuned and untuned) vs onnxruntime fp32, 1 thread, batch 1, "
                 "each model's numbers from one run",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_at_end": os.getloadavg()},

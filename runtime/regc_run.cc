@@ -227,12 +227,19 @@ int Run(const std::string& bundle, const std::string& in_dir, const std::string&
     const DType& dt = DTypeByName(std::string(spec.at("dtype").cast<ffi::String>()));
     args.emplace_back(ReadNpy(in_dir + "/" + std::to_string(i) + ".npy", dt));
   }
+  ffi::Array<ffi::Any> params_in_order;
   for (const ffi::Any& p : params) {
     ffi::String name = p.cast<ffi::json::Object>().at("name").cast<ffi::String>();
     auto w = weights.Get(name);
     if (!w.has_value()) throw BadInput(bundle + "/model.params: no weight '" + std::string(name) + "'");
-    args.emplace_back(*w);
+    params_in_order.push_back(*w);
   }
+  // Builds whose weight-only kernels (e.g. transposes) were lifted out of "main" take that function's
+  // outputs instead of model.params (regc.backends.tvm_backend.fuse_kernels).
+  if (auto transform = vm->GetFunction("main_transform_params"); transform.has_value()) {
+    params_in_order = transform.value()(params_in_order).cast<ffi::Array<ffi::Any>>();
+  }
+  for (const ffi::Any& w : params_in_order) args.push_back(w);
   std::vector<ffi::AnyView> views(args.begin(), args.end());
   ffi::Any result;
   vm->GetFunction("main").value().CallPacked(views.data(), static_cast<int32_t>(views.size()), &result);

@@ -1,5 +1,6 @@
 """TVM lowering: saved artifacts match onnxruntime, weights stay outside model.so, failures are typed."""
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import regc
-from regc.backends.tvm_backend import FORMAT_VERSION, TARGETS, lower_tvm
+from regc.backends.tvm_backend import FORMAT_VERSION, TARGETS, host_cpu_flags, lower_tvm
 from regc.errors import ConfigError, InputMismatchError, LoweringError
 from regc.runtime.artifact import open_artifact
 
@@ -151,6 +152,50 @@ def test_swapping_model_params_runs_other_weights(lowered, tmp_path):
     assert not np.allclose(got, open_artifact(folder).run({"x": x.numpy()})["y"], **TOL)
 
 
+def test_weight_only_kernels_run_once_per_weight_set(lowered):
+    """y = x W^T transposes W: that kernel reads weights only, so it moves to main_transform_params and
+    runs once per weight set; every kernel main calls reads an activation. Swapping params in memory
+    re-runs it."""
+    import tvm
+    from tvm import relax
+
+    from regc.backends.tvm_backend import (
+        PRESETS,
+        TRANSFORM_PARAMS,
+        _weight_names,
+        _weight_side,
+        fuse_kernels,
+        import_relax,
+    )
+
+    model, art, _ = lowered("block")
+    kernels = fuse_kernels(import_relax(model).mod, PRESETS["x86_64"].tvm_target())
+    main, lifted = kernels["main"], kernels[TRANSFORM_PARAMS]
+    weights = _weight_names(main)
+    calls = [b.value for block in main.body.blocks for b in block.bindings
+             if isinstance(b.value, relax.Call) and b.value.op.name == "relax.call_tir"]
+    assert len(calls) > 10
+    for call in calls:
+        args = call.args[1].fields
+        assert not all(_weight_side(a, weights) for a in args), call.args[0].name_hint
+    transposes = [b.value.args[0].name_hint for block in lifted.body.blocks for b in block.bindings
+                  if isinstance(b.value, relax.Call) and b.value.op.name == "relax.call_tir"]
+    assert len(transposes) == 4 and all("transpose" in t for t in transposes)  # qkv, proj, fc1, fc2
+
+    x = torch.randn(2, 8, 32)
+    before = art(x).numpy()
+    np.testing.assert_allclose(before, model(x).detach().numpy(), **TOL)
+    name = next(n for n in art.params if n.endswith("fc2.weight") or n.endswith("fc2_weight"))
+    original = art.params[name]
+    try:
+        art.params[name] = tvm.runtime.tensor(np.zeros(original.shape, "float32"))
+        zeroed = art(x).numpy()
+    finally:
+        art.params[name] = original
+    assert not np.allclose(zeroed, before, **TOL)
+    np.testing.assert_allclose(art(x).numpy(), before)
+
+
 def test_dynamic_batch(tmp_path):
     torch.manual_seed(0)
     module = SmallCnn().eval()
@@ -195,10 +240,37 @@ def test_bad_options_are_config_errors():
 
 def test_targets_for_the_registry():
     assert [(t.name, t.lower.keywords) for t in TARGETS] == [("x86_64", {"preset": "x86_64"}),
+                                                            ("x86_64_v3", {"preset": "x86_64_v3"}),
                                                             ("aarch64", {"preset": "aarch64"}),
                                                             ("cuda", {"preset": "cuda"})]
-    assert all("untuned" in t.description for t in TARGETS[:2]) and "dlight" in TARGETS[2].description
-    assert {"x86_64", "aarch64", "cuda"} <= set(regc.plugins.targets())
+    descriptions = {t.name: t.description for t in TARGETS}
+    assert "untuned" in descriptions["x86_64"] and "untuned" in descriptions["aarch64"]
+    assert "AVX2+FMA" in descriptions["x86_64_v3"] and "dlight" in descriptions["cuda"]
+    assert {"x86_64", "x86_64_v3", "aarch64", "cuda"} <= set(regc.plugins.targets())
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= host_cpu_flags(), reason="needs a CPU with AVX2 and FMA")
+def test_x86_64_v3_uses_avx2_and_fma_and_matches_the_generic_build():
+    model = make_model(SmallCnn(), (torch.randn(2, 3, 8, 8),))
+    generic, v3 = lower_tvm(model), lower_tvm(model, "x86_64_v3")
+    asm = {a.meta.preset: a.kernel_source("llvm", "asm") for a in (generic, v3)}
+    # generic x86-64 has SSE2 only: 128-bit xmm registers and no fused multiply-add
+    assert "vfmadd" not in asm["x86_64"] and "ymm" not in asm["x86_64"]
+    assert asm["x86_64_v3"].count("vfmadd") > 50 and asm["x86_64_v3"].count("%ymm") > 500
+    assert v3.meta.target["mcpu"] == "x86-64-v3" and v3.runs_here()
+    x = torch.randn(2, 3, 8, 8)
+    np.testing.assert_allclose(v3(x).numpy(), generic(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_for_missing_cpu_extensions_is_refused(lowered, monkeypatch):
+    import regc.backends.tvm_backend as tb
+
+    model, art, _ = lowered("cnn")
+    v3 = tb.TvmArtifact(art.module, art.params, dataclasses.replace(art.meta, preset="x86_64_v3"))
+    monkeypatch.setattr(tb, "host_cpu_flags", lambda: frozenset({"sse2", "avx"}))
+    assert not v3.runs_here()
+    with pytest.raises(LoweringError, match="uses avx2, fma, f16c, bmi2 instructions, which this CPU lacks"):
+        v3.run(*(t.numpy() for t in model.example_inputs))
 
 
 @pytest.mark.slow
@@ -274,6 +346,10 @@ def test_int8_weights_stay_int8_and_dequantize_inside_the_consuming_kernels():
                   for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     readers = [name for name, signature in signatures.items() if '"int8"' in signature]
     assert len(readers) == 2 and all("matmul" in name for name in readers), readers
+    # main gets the codes as they are: lifting weight-only kernels out of it never made them floats
+    main_weights = {(str(p.ty.dtype), tuple(int(d) for d in p.ty.shape)) for p in kernels["main"].params[1:]}
+    assert {("int8", (256, 64)), ("int8", (64, 256))} <= main_weights
+    assert not main_weights & {("float32", (256, 64)), ("float32", (64, 256))}
 
     x = torch.randn(4, 64)
     got, want = art(x).numpy(), quantized(x).detach().numpy()

@@ -36,6 +36,7 @@ def test_tuned_build_uses_the_database_and_matches_the_untuned_build(tmp_path):
     assert (tmp_path / "db" / "database_tuning_record.json").stat().st_size > 0
     assert lines[0].startswith("tuning 2 of 4 kernels")
     assert any(line.startswith("[") and " trials, " in line for line in lines)  # progress per measured batch
+    assert any(line.startswith("[") and " candidates built, " in line for line in lines)  # ... and per build
 
     tuned = lower_tvm(model, tuning_db=tmp_path / "db")
     untuned = lower_tvm(model)
@@ -60,7 +61,8 @@ def test_the_builder_keeps_its_worker_process_across_batches():
     a = te.placeholder((16,), name="a")
     b = te.compute((16,), lambda i: a[i] * 2.0, name="b")
     mod = tvm.IRModule({"main": te.create_prim_func([a, b])})
-    builder = _reusing_builder(timeout_sec=300, initializer=import_tensor_intrinsics)
+    built = []
+    builder = _reusing_builder(timeout_sec=300, initializer=import_tensor_intrinsics, on_built=built.append)
     try:
         pids = []
         for _ in range(2):  # two batches, as tune_tasks sends them
@@ -69,6 +71,7 @@ def test_the_builder_keeps_its_worker_process_across_batches():
             assert all(r.artifact_path.endswith(".tar") for r in results)
             pids += [w._proc.pid for w in builder.pool._worker_map.values()]
         assert len(pids) == 2 and pids[0] == pids[1]  # one worker, not a new process per batch
+        assert built == [2, 2]  # progress after each batch
     finally:
         builder.close()
 
@@ -109,6 +112,24 @@ def test_tune_refuses_bad_requests(tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="exists and is not a tuning database"):
         tune_tvm(model, trials=4, db=tmp_path / "busy")
+
+
+def test_tuning_names_the_faster_x86_preset_this_cpu_runs_and_refuses_one_it_cannot(tmp_path, monkeypatch):
+    import regc.backends.tvm_backend as tb
+
+    model, lines = tiny_mlp(), []
+    v3_cpu = frozenset({"sse2", "avx", "avx2", "fma", "f16c", "bmi2"})
+    monkeypatch.setattr(tb, "host_cpu_flags", lambda: v3_cpu)
+    with pytest.raises(ConfigError, match="trials must be a positive integer"):  # the note comes first
+        tune_tvm(model, trials=0, db=tmp_path / "db", log=lines.append)
+    assert len(lines) == 1 and "this CPU also runs the 'x86_64_v3' target" in lines[0]
+    monkeypatch.setattr(tb, "host_cpu_flags", lambda: frozenset({"sse2", "avx"}))
+    lines.clear()
+    with pytest.raises(ConfigError, match="trials must be a positive integer"):
+        tune_tvm(model, trials=0, db=tmp_path / "db", log=lines.append)
+    with pytest.raises(ConfigError, match="its CPU lacks avx2, fma, f16c, bmi2, which 'x86_64_v3' code uses"):
+        tune_tvm(model, "x86_64_v3", trials=4, db=tmp_path / "db", log=lines.append)
+    assert lines == [] and not (tmp_path / "db").exists()
 
 
 def test_tune_is_a_regc_command():

@@ -2,7 +2,7 @@
 
     nice -n 5 python bench/tvm_tuned.py [--out bench/results/tvm_tuned.json] [--trials-per-kernel 4]
                                         [--max-kernels N] [--models resnet18_style,minilm] [--seq 32]
-                                        [--target x86_64_v3]
+                                        [--target x86_64_v3] [--db-dir DIR]
 
 Per model after ``fold_bn`` (``regc.zoo.resnet18_style``: 1x3x32x32; ``regc.zoo.minilm``: 1 sentence
 padded to --seq tokens, static shapes): export ONNX (the baseline, onnxruntime CPU, 1 thread), lower
@@ -52,7 +52,7 @@ def static_model(name: str, seq: int) -> regc.Model:
 
 
 def run_model(name: str, preset: str, trials_per_kernel: int, max_kernels: int | None, seq: int,
-              work: Path) -> dict:
+              work: Path, db_dir: Path) -> dict:
     model = static_model(name, seq)
     onnx_path = work / f"{name}.onnx"
     model.save(str(onnx_path))
@@ -71,7 +71,7 @@ def run_model(name: str, preset: str, trials_per_kernel: int, max_kernels: int |
     kernels = len(kernel_tasks(fuse_kernels(import_relax(model).mod, target), target))
     trials = trials_per_kernel * min(kernels, max_kernels or kernels)
     t0 = time.perf_counter()
-    db = tune_tvm(model, preset, trials=trials, db=work / f"{name}-db", max_kernels=max_kernels,
+    db = tune_tvm(model, preset, trials=trials, db=db_dir / f"{name}-{preset}", max_kernels=max_kernels,
                   log=lambda s: print(f"  {name}: {s}", flush=True))
     tune_s = time.perf_counter() - t0
     tuned_art = lower_tvm(model, preset, tuning_db=db.path)
@@ -85,6 +85,8 @@ def run_model(name: str, preset: str, trials_per_kernel: int, max_kernels: int |
         "max_kernels": max_kernels,
         "trials": trials,
         "tuning_seconds": round(tune_s, 1),
+        "database_trials_total": db.info["trials"],  # more than trials when --db-dir held a database
+        "database_seconds_total": db.info["seconds"],
         "kernels_tuned": tuned_art.meta.tuning_db["kernels_tuned"],
         "onnxruntime_median_ms": tuned_cmp["baseline_median_ms"],
         "untuned_median_ms": untuned_cmp["median_ms"],
@@ -106,14 +108,17 @@ def main() -> None:
     ap.add_argument("--trials-per-kernel", type=int, default=4)
     ap.add_argument("--max-kernels", type=int, help="tune only the heaviest kernels (calls x FLOPs)")
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--db-dir", help="keep each model's tuning database in DB_DIR/MODEL-TARGET; a database "
+                                     "already there is extended (trials add up) instead of starting over")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = {}
     with tempfile.TemporaryDirectory(prefix="regc-bench-tvm-") as tmp:
+        db_dir = Path(args.db_dir or tmp)
         for name in args.models.split(","):
             t0 = time.perf_counter()
             results[name] = run_model(name, args.target, args.trials_per_kernel, args.max_kernels, args.seq,
-                                      Path(tmp))
+                                      Path(tmp), db_dir)
             results[name]["total_seconds"] = round(time.perf_counter() - t0, 1)
             results[name]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
             print(name, json.dumps(results[name]), flush=True)

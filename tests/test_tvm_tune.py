@@ -9,7 +9,7 @@ import torch
 import regc
 import regc.plugins
 from regc.backends.tvm_backend import lower_tvm
-from regc.backends.tvm_tune import INFO_FILE, tune_tvm
+from regc.backends.tvm_tune import FORMAT_VERSION, INFO_FILE, tune_tvm
 from regc.cli import build_parser
 from regc.errors import ConfigError
 
@@ -78,7 +78,7 @@ def test_the_builder_keeps_its_worker_process_across_batches():
 
 def write_info(folder, **changes):
     folder.mkdir()
-    info = {"format_version": 1, "preset": "x86_64", "target": {"kind": "llvm"}, "versions": {}}
+    info = {"format_version": FORMAT_VERSION, "preset": "x86_64", "target": {"kind": "llvm"}, "versions": {}}
     (folder / INFO_FILE).write_text(json.dumps({**info, **changes}))
     return folder
 
@@ -90,8 +90,10 @@ def test_stale_or_foreign_databases_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="was tuned for target 'aarch64' .*, not 'x86_64'"):
         lower_tvm(model, tuning_db=write_info(tmp_path / "other-target", preset="aarch64",
                                               target={"kind": "llvm", "mtriple": "aarch64-linux-gnu"}))
-    with pytest.raises(ConfigError, match="format_version 7"):
+    with pytest.raises(ConfigError, match="format_version 7, this regc reads 2; re-run 'regc tune'"):
         lower_tvm(model, tuning_db=write_info(tmp_path / "future", format_version=7))
+    with pytest.raises(ConfigError, match="format_version 1, this regc reads 2"):  # kernels before lifting
+        lower_tvm(model, tuning_db=write_info(tmp_path / "old", format_version=1))
 
 
 def test_tune_refuses_bad_requests(tmp_path):

@@ -371,6 +371,37 @@ class TvmArtifact:
         out = self._vm["main"](*inputs, *self._main_weights())
         return tuple(t.numpy() for t in out)
 
+    def kernel_times(self, *arrays: np.ndarray, runs: int = 10) -> dict[str, tuple[int, float]]:
+        """Where a run's time goes: ``{VM function: (calls per run, seconds per run)}`` over ``runs`` runs
+        on ``arrays``, for every kernel and VM builtin ``main`` calls, timed around each call (the
+        timing adds a few microseconds a call, so compare kernels with each other, not with a plain run).
+        """
+        import time
+
+        import tvm
+
+        self.run(*arrays)  # warm up; creates the VM and main's weights
+        inputs = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
+        calls: dict[str, int] = {}
+        seconds: dict[str, float] = {}
+        started: list[float] = []
+
+        def instrument(_func: Any, symbol: str, before: bool, _ret: Any, *_args: Any) -> int:
+            if before:
+                started.append(time.perf_counter())
+            else:
+                seconds[symbol] = seconds.get(symbol, 0.0) + time.perf_counter() - started.pop()
+                calls[symbol] = calls.get(symbol, 0) + 1
+            return 0  # VMInstrumentReturnKind.NO_OP: run the call
+
+        self._vm.set_instrument(instrument)
+        try:
+            for _ in range(runs):
+                self._vm["main"](*inputs, *self._main_weights())
+        finally:
+            self._vm.set_instrument(None)
+        return {k: (calls[k] // runs, seconds[k] / runs) for k in sorted(seconds, key=lambda k: -seconds[k])}
+
     def _main_weights(self) -> list[Any]:
         """``main``'s weight arguments: ``params`` in VM order, on the run device, through
         ``main_transform_params`` when the build has it; kept until ``params`` changes."""

@@ -11,8 +11,9 @@ with TVM for --target (default ``x86_64_v3``: AVX2+FMA) untuned, tune with
 the heaviest by calls x FLOPs), lower again
 with the database, and time each TVM build against onnxruntime with ``regc.runtime.compare`` (calls
 interleaved, TVM at 1 thread: TVM_NUM_THREADS=1). Reported: median latencies, ratio = TVM /
-onnxruntime (goal: tuned <= 1.3), trials, tuning seconds, kernels covered, max abs output difference
-tuned vs onnxruntime. The machine is shared, so absolute numbers drift;
+onnxruntime (goal: tuned <= 1.3), trials, tuning seconds, kernels covered, max abs output
+difference tuned vs onnxruntime, and where the tuned build's time goes (per kernel, in the model and
+in the tuner). The machine is shared, so absolute numbers drift;
 the ratios are from interleaved calls in the same run.
 """
 
@@ -68,7 +69,8 @@ def run_model(name: str, preset: str, trials_per_kernel: int, max_kernels: int |
     from regc.backends.tvm_backend import PRESETS, fuse_kernels, import_relax, kernel_tasks
 
     target = PRESETS[preset].tvm_target()
-    kernels = len(kernel_tasks(fuse_kernels(import_relax(model).mod, target), target))
+    tasks = kernel_tasks(fuse_kernels(import_relax(model).mod, target), target)
+    kernels = len(tasks)
     trials = trials_per_kernel * min(kernels, max_kernels or kernels)
     t0 = time.perf_counter()
     db = tune_tvm(model, preset, trials=trials, db=db_dir / f"{name}-{preset}", max_kernels=max_kernels,
@@ -97,6 +99,32 @@ def run_model(name: str, preset: str, trials_per_kernel: int, max_kernels: int |
         "tuned_max_abs_diff_vs_onnxruntime": float(np.abs(got - want).max()),
         "goal_ratio": 1.3,
         "meets_goal": tuned_cmp["ratio"] <= 1.3,
+        "where_the_time_goes": breakdown(tuned_art, list(feeds.values()), tasks, db, target),
+    }
+
+
+def breakdown(art, arrays: list[np.ndarray], tasks: list, db, target, top: int = 12) -> dict:
+    """The tuned build's time per kernel in the model (``TvmArtifact.kernel_times``) next to the tuner's
+    own best measurement of that kernel in isolation, times its calls per run; their sums, and the VM's
+    builtins (allocation, shape checks). A kernel slower in the model than in the tuner, or a large
+    builtin share, is time that more trials will not win back."""
+    times = art.kernel_times(*arrays, runs=20)
+    database = db.database()
+    tuner = {}
+    for t in tasks:
+        record = database.query_tuning_record(t.dispatched[0], target, t.task_name)
+        if record is not None and record.run_secs:
+            tuner[t.task_name] = sum(float(x) for x in record.run_secs) / len(record.run_secs)
+    kernels = {k: v for k, v in times.items() if not k.startswith("vm.builtin")}
+    rows = [{"kernel": k, "calls": c, "in_model_ms": round(sec * 1e3, 4),
+             "tuner_ms": round(tuner[k] * c * 1e3, 4) if k in tuner else None}
+            for k, (c, sec) in list(kernels.items())[:top]]
+    return {
+        "kernels_in_model_ms": round(sum(sec for _, sec in kernels.values()) * 1e3, 3),
+        "kernels_tuner_ms": round(sum(tuner[k] * c for k, (c, _) in kernels.items() if k in tuner) * 1e3, 3),
+        "vm_builtins_ms": round(sum(sec for k, (_, sec) in times.items() if k not in kernels) * 1e3, 3),
+        "note": "timed around each VM call (adds microseconds a call); tuner_ms = calls x the tuner's best",
+        f"top_{top}_kernels": rows,
     }
 
 

@@ -196,6 +196,17 @@ def test_weight_only_kernels_run_once_per_weight_set(lowered):
     np.testing.assert_allclose(art(x).numpy(), before)
 
 
+def test_kernel_times_say_where_a_run_goes(lowered):
+    model, art, _ = lowered("block")
+    x = model.example_inputs[0].numpy()
+    times = art.kernel_times(x, runs=3)
+    kernels = {k: v for k, v in times.items() if not k.startswith("vm.builtin")}
+    assert sum(calls for calls, _ in kernels.values()) >= 10  # kernel calls per run
+    assert sum("matmul" in k for k in kernels) >= 4 and all(sec > 0 for _, sec in times.values())
+    assert list(times.values()) == sorted(times.values(), key=lambda v: -v[1])
+    np.testing.assert_allclose(art.run(x)[0], model(model.example_inputs[0]).detach().numpy(), **TOL)
+
+
 def test_dynamic_batch(tmp_path):
     torch.manual_seed(0)
     module = SmallCnn().eval()

@@ -43,7 +43,7 @@ import platform
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -537,7 +537,8 @@ def fuse_kernels(mod: Any, target: Any) -> Any:
     """Legalize and fuse ``mod`` into one TIR kernel per fused group: what MetaSchedule tunes and
     what ``lower_tvm`` schedules and compiles (so the tuning keys match the build).
 
-    TVM's default fusion (FuseOps) then one more: each weight-decoding kernel (elementwise math on
+    float32 ``exp``, ``erf``, ``tanh``, softmax and GELU get TVM's polynomial approximations (``_fast_math``).
+    Then TVM's default fusion (FuseOps) and one more: each weight-decoding kernel (elementwise math on
     integer weights and constants, e.g. ``(q - z) * s``, a 4-bit unpack, the RF8 decode) is merged into
     the kernel that consumes its result, so the kernels that read codes are the matmuls/convs/gathers
     themselves. Models without integer weights get TVM's default fusion unchanged.
@@ -556,7 +557,7 @@ def fuse_kernels(mod: Any, target: Any) -> Any:
     with target:
         return tvm.transform.Sequential([
             *_backend_pipeline(target).library_dispatch_passes(target),
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps(_fast_math()),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
@@ -636,6 +637,60 @@ def _weight(arg: Any, weights: set[str]) -> bool:
     from tvm import relax
 
     return isinstance(arg, relax.Var) and not isinstance(arg, relax.DataflowVar) and arg.name in weights
+
+
+def _fast_math() -> dict[str, Callable[[Any, Any], Any]]:
+    """LegalizeOps overrides: float32 ``exp``, ``erf``, ``tanh``, ``softmax``, ``gelu`` and ``gelu_tanh``
+    computed with TVM's ``fast_exp``/``fast_erf``/``fast_tanh`` (range reduction and rational polynomials,
+    the kind onnxruntime's own kernels use) instead of calls to the C library, which run one element at
+    a time. On 49152 elements with x86-64-v3 (measured): erf 1.17 -> 0.03 ms, tanh 0.73 -> 0.18 ms,
+    exp 0.37 -> 0.03 ms, relative error at most 3.5e-7; a tuned MiniLM's GELU took 1.5 ms a layer with
+    ``erf``. Other dtypes keep TVM's default legalization. Softmax, ``max``-shifted, stays exact in form:
+    ``exp(x - max) / sum``.
+    """
+    import math
+
+    from tvm import te, tirx, topi
+
+    def gelu(x: te.Tensor) -> te.Tensor:  # x Phi(x) = x (1 + erf(x / sqrt 2)) / 2
+        return x * (tirx.const(0.5, "float32") + topi.fast_erf(x * tirx.const(0.5**0.5, "float32")) *
+                    tirx.const(0.5, "float32"))
+
+    def gelu_tanh(x: te.Tensor) -> te.Tensor:  # x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2
+        inner = tirx.const(math.sqrt(2.0 / math.pi), "float32") * x * (
+            tirx.const(1.0, "float32") + tirx.const(0.044715, "float32") * x * x)
+        return tirx.const(0.5, "float32") * x * (tirx.const(1.0, "float32") + topi.fast_tanh(inner))
+
+    rules: dict[str, tuple[Callable[..., Any], str]] = {
+        "relax.exp": (topi.fast_exp, "tir_exp"),
+        "relax.erf": (topi.fast_erf, "erf"),
+        "relax.tanh": (topi.fast_tanh, "tir_tanh"),
+        "relax.nn.gelu": (gelu, "gelu"),
+        "relax.nn.gelu_tanh": (gelu_tanh, "gelu_tanh"),
+    }
+
+    def rule(op_name: str) -> Callable[[Any, Any], Any]:
+        import tvm
+
+        fast, hint = rules[op_name]
+        default = tvm.ir.Op.get(op_name).get_attr("FLegalize")
+
+        def legalize(bb: Any, call: Any) -> Any:
+            if str(call.args[0].ty.dtype) != "float32":
+                return default(bb, call)
+            return bb.call_te(fast, call.args[0], primfunc_name_hint=hint)
+
+        return legalize
+
+    def softmax(bb: Any, call: Any) -> Any:
+        import tvm
+
+        if str(call.args[0].ty.dtype) != "float32":
+            return tvm.ir.Op.get("relax.nn.softmax").get_attr("FLegalize")(bb, call)
+        return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis),
+                          primfunc_name_hint="softmax")
+
+    return {**{name: rule(name) for name in rules}, "relax.nn.softmax": softmax}
 
 
 def _decode_patterns(weights: set[str]) -> list[Any]:

@@ -43,8 +43,8 @@ from regc.plugins import Command
 __all__ = ["INFO_FILE", "TuningDatabase", "import_tensor_intrinsics", "tune_tvm", "TUNE_COMMAND"]
 
 INFO_FILE = "regc_tuning.json"
-# 2: fuse_kernels lifts weight-only kernels out of main, which changed the kernels (and keys) of most
-# models; version-1 databases would match only some of them.
+# 2: fuse_kernels lifts weight-only kernels out of main and computes exp/erf/tanh with polynomials, which
+# changed the kernels (and keys) of most models; version-1 databases would match only some of them.
 FORMAT_VERSION = 2
 # Each candidate is built and run in a worker process that imports tvm first (seconds on a busy
 # machine); TVM's 30 s default times such candidates out and loses them.

@@ -119,6 +119,10 @@ class Preset:
                     f"cuda arch '{gpu_arch}' is not a CUDA compute capability like sm_80 or sm_90a")
         return tvm.target.Target(self.target_dict(gpu_arch))
 
+    def missing_cpu_flags(self) -> list[str]:
+        """The ``cpu_flags`` this machine's CPU lacks: its code cannot run here unless this is empty."""
+        return [f for f in self.cpu_flags if f not in host_cpu_flags()]
+
     def target_dict(self, gpu_arch: str | None = None) -> dict[str, Any]:
         return {**self.target, "arch": gpu_arch} if gpu_arch else dict(self.target)
 
@@ -970,8 +974,7 @@ def _check_arch(meta: ArtifactMeta) -> None:
             f"this '{meta.preset}' build runs on {meta.arch} machines, this one is {platform.machine()}; "
             "copy the saved folder to the target and run it there"
         )
-    missing = [f for f in PRESETS[meta.preset].cpu_flags if f not in host_cpu_flags()] \
-        if meta.preset in PRESETS else []
+    missing = PRESETS[meta.preset].missing_cpu_flags() if meta.preset in PRESETS else []
     if missing:
         raise LoweringError(f"this '{meta.preset}' build uses {', '.join(missing)} instructions, which this "
                             "CPU lacks; build for the generic 'x86_64' target to run here")

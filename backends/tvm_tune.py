@@ -123,6 +123,14 @@ class TuningDatabase:
 
         return ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=False)
 
+    def records(self, tasks: list[Any], target: Any) -> dict[str, Any]:
+        """The best tuning record (schedule trace, ``run_secs``) held for each of ``tasks``
+        (``kernel_tasks``), by kernel name; kernels it has none for are left out."""
+        database = self.database()
+        found = ((t.task_name, database.query_tuning_record(t.dispatched[0], target, t.task_name))
+                 for t in tasks)
+        return {name: r for name, r in found if r is not None}
+
     def apply(self, kernels: Any, target: Any) -> tuple[Any, dict[str, Any]]:
         """Replace the kernels of ``kernels`` (a ``fuse_kernels`` module) that the database has
         schedules for; return the module and a summary for ``ArtifactMeta.tuning_db``. Raise
@@ -131,15 +139,13 @@ class TuningDatabase:
 
         from regc.backends.tvm_backend import kernel_tasks
 
-        database = self.database()
         tasks = kernel_tasks(kernels, target)
-        covered = [t.task_name for t in tasks
-                   if database.query_tuning_record(t.dispatched[0], target, t.task_name) is not None]
+        covered = self.records(tasks, target)
         if tasks and not covered:
             raise ConfigError(
                 f"--tuning-db {self.path} has no schedule for any of this model's {len(tasks)} kernels "
                 f"(tuned for another model or input shapes); run 'regc tune' on this model")
-        with target, database:
+        with target, self.database():
             kernels = relax.transform.MetaScheduleApplyDatabase()(kernels)
         summary = {"kernels_tuned": len(covered), "kernels_total": len(tasks),
                    "trials": self.info.get("trials"), "records_sha256": self.info.get("records_sha256")}
@@ -184,7 +190,7 @@ def tune_tvm(
     if p.cross_compiler:
         raise ConfigError(f"tuning measures kernels on this machine: '{preset}' code cannot run here; "
                           "run 'regc tune' on the target machine")
-    missing = [f for f in p.cpu_flags if f not in host_cpu_flags()]
+    missing = p.missing_cpu_flags()
     if missing:
         raise ConfigError(f"tuning measures kernels on this machine: its CPU lacks {', '.join(missing)}, "
                           f"which '{preset}' code uses; tune on a machine that has them, or for 'x86_64'")

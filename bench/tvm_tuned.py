@@ -109,12 +109,8 @@ def breakdown(art, arrays: list[np.ndarray], tasks: list, db, target, top: int =
     builtins (allocation, shape checks). A kernel slower in the model than in the tuner, or a large
     builtin share, is time that more trials will not win back."""
     times = art.kernel_times(*arrays, runs=20)
-    database = db.database()
-    tuner = {}
-    for t in tasks:
-        record = database.query_tuning_record(t.dispatched[0], target, t.task_name)
-        if record is not None and record.run_secs:
-            tuner[t.task_name] = sum(float(x) for x in record.run_secs) / len(record.run_secs)
+    tuner = {name: sum(float(x) for x in r.run_secs) / len(r.run_secs)
+             for name, r in db.records(tasks, target).items() if r.run_secs}
     kernels = {k: v for k, v in times.items() if not k.startswith("vm.builtin")}
     rows = [{"kernel": k, "calls": c, "in_model_ms": round(sec * 1e3, 4),
              "tuner_ms": round(tuner[k] * c * 1e3, 4) if k in tuner else None}

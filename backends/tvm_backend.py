@@ -665,36 +665,33 @@ def _fast_math() -> dict[str, Callable[[Any, Any], Any]]:
             tirx.const(1.0, "float32") + tirx.const(0.044715, "float32") * x * x)
         return tirx.const(0.5, "float32") * x * (tirx.const(1.0, "float32") + topi.fast_tanh(inner))
 
-    rules: dict[str, tuple[Callable[..., Any], str]] = {
-        "relax.exp": (topi.fast_exp, "tir_exp"),
-        "relax.erf": (topi.fast_erf, "erf"),
-        "relax.tanh": (topi.fast_tanh, "tir_tanh"),
-        "relax.nn.gelu": (gelu, "gelu"),
-        "relax.nn.gelu_tanh": (gelu_tanh, "gelu_tanh"),
+    def axis(call: Any) -> tuple[int]:
+        return (int(call.attrs.axis),)
+
+    # op -> (fast TE function, kernel name hint, the call's extra TE arguments)
+    rules: dict[str, tuple[Callable[..., Any], str, Callable[[Any], tuple[Any, ...]]]] = {
+        "relax.exp": (topi.fast_exp, "tir_exp", lambda call: ()),
+        "relax.erf": (topi.fast_erf, "erf", lambda call: ()),
+        "relax.tanh": (topi.fast_tanh, "tir_tanh", lambda call: ()),
+        "relax.nn.gelu": (gelu, "gelu", lambda call: ()),
+        "relax.nn.gelu_tanh": (gelu_tanh, "gelu_tanh", lambda call: ()),
+        "relax.nn.softmax": (topi.nn.fast_softmax, "softmax", axis),
     }
 
     def rule(op_name: str) -> Callable[[Any, Any], Any]:
         import tvm
 
-        fast, hint = rules[op_name]
+        fast, hint, extra = rules[op_name]
         default = tvm.ir.Op.get(op_name).get_attr("FLegalize")
 
         def legalize(bb: Any, call: Any) -> Any:
             if str(call.args[0].ty.dtype) != "float32":
                 return default(bb, call)
-            return bb.call_te(fast, call.args[0], primfunc_name_hint=hint)
+            return bb.call_te(fast, call.args[0], *extra(call), primfunc_name_hint=hint)
 
         return legalize
 
-    def softmax(bb: Any, call: Any) -> Any:
-        import tvm
-
-        if str(call.args[0].ty.dtype) != "float32":
-            return tvm.ir.Op.get("relax.nn.softmax").get_attr("FLegalize")(bb, call)
-        return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis),
-                          primfunc_name_hint="softmax")
-
-    return {**{name: rule(name) for name in rules}, "relax.nn.softmax": softmax}
+    return {name: rule(name) for name in rules}
 
 
 def _decode_patterns(weights: set[str]) -> list[Any]:

@@ -553,11 +553,16 @@ def fuse_kernels(mod: Any, target: Any) -> Any:
     that function's outputs. An untuned MiniLM build spent 33 ms of every run transposing its 36 weight
     matrices (measured). Decodes are merged into their consumers first, so codes are never lifted into
     float weights.
+
+    On CPUs the kernels' weight buffers (``main``'s parameters) are then marked layout-free
+    (AttachAttrLayoutFreeBuffers): a tuned schedule may read a weight in a tiled layout of its choice,
+    and ``TuningDatabase.apply`` moves that repacking into ``main_transform_params`` too.
     """
     import tvm
     from tvm import relax
 
     weights = _weight_names(mod["main"])
+    layout_free = [relax.transform.AttachAttrLayoutFreeBuffers()] if target.kind.name == "llvm" else []
     with target:
         return tvm.transform.Sequential([
             *_backend_pipeline(target).library_dispatch_passes(target),
@@ -569,6 +574,7 @@ def fuse_kernels(mod: Any, target: Any) -> Any:
             relax.transform.FuseOpsByPattern(_decode_patterns(weights), bind_constants=False),
             relax.transform.FuseTIR(),
             relax.transform.LiftTransformParams(),
+            *layout_free,
         ])(mod)
 
 

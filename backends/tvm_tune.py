@@ -3,13 +3,17 @@
 For every fused kernel ``K`` of the model (``tvm_backend.fuse_kernels``, the same kernels a build
 compiles) tuning looks for a schedule ``s`` (loop tiling, vectorization, parallel loops, unrolling,
 inlining) that minimizes ``latency(K, s)``, measured on this machine. Candidates come from an
-evolutionary search ranked by an XGBoost cost model fitted to the measurements so far; a gradient
-task scheduler spends the budget where it cuts ``sum_K calls(K) * latency(K)`` most. ``trials`` is the
-total number of measured candidates over all kernels (``trials / kernels`` each, at the least one
-round), so tuning time grows linearly with it. Each measured batch (up to 64 candidates of one kernel)
-also costs a fixed search overhead (the evolutionary search, ~30 s here; builds take ~0.5 s and
-measurements ~0.1 s a candidate), so ``max_kernels`` can restrict tuning to the kernels with the most
-work, ``calls(K) * FLOPs(K)``; the others keep default schedules. Candidates are compiled in one
+evolutionary search ranked by an XGBoost cost model fitted to the measurements so far. ``trials`` is
+the total number of measured candidates over all kernels, so tuning time grows linearly with it: every
+kernel gets a first batch (up to 64 candidates), then MetaSchedule's gradient task scheduler gives
+the rest, batch by batch, to the kernel whose progress cuts ``sum_K calls(K) * latency(K)`` most (in
+MiniLM, the three linear shapes). A kernel stops when a batch measures nothing (its design space is
+spent: an elementwise kernel has a handful of schedules) or it has no valid candidate after a batch
+(``take`` on random indices); the scheduler would otherwise keep picking them, and a 32-trials-per-kernel
+MiniLM tune spent 840 of its 1230 s on searches that measured nothing. Each batch also costs a fixed
+search overhead (the evolutionary search, ~10-30 s here; builds take ~0.5 s and measurements ~0.1 s a
+candidate), so ``max_kernels`` can restrict tuning to the kernels with the most work,
+``calls(K) * FLOPs(K)``; the others keep default schedules. Candidates are compiled in one
 builder process kept for the whole tune (TVM's ``LocalBuilder`` starts a new one, ~15 s, per batch).
 
 Untuned CPU builds are 22-155x slower than onnxruntime (ARCHITECTURE.md section 5): tune once per
@@ -45,7 +49,8 @@ __all__ = ["INFO_FILE", "TuningDatabase", "import_tensor_intrinsics", "tune_tvm"
 INFO_FILE = "regc_tuning.json"
 # 2: fuse_kernels lifts weight-only kernels out of main and computes exp/erf/tanh with polynomials, which
 # changed the kernels (and keys) of most models; version-1 databases would match only some of them.
-FORMAT_VERSION = 2
+# 3: CPU kernels' weight buffers are layout-free (a tuned schedule may repack them), which changed their keys.
+FORMAT_VERSION = 3
 # Each candidate is built and run in a worker process that imports tvm first (seconds on a busy
 # machine); TVM's 30 s default times such candidates out and loses them.
 _TIMEOUT_S = 300.0
@@ -147,6 +152,11 @@ class TuningDatabase:
                 f"(tuned for another model or input shapes); run 'regc tune' on this model")
         with target, self.database():
             kernels = relax.transform.MetaScheduleApplyDatabase()(kernels)
+        # a tuned CPU kernel that reads a weight in its own tiled layout starts with a repacking block:
+        # split it out into a kernel of its own and lift that into main_transform_params, so the
+        # weights are repacked once per weight set instead of on every run
+        kernels = relax.transform.SplitLayoutRewritePreproc()(kernels)
+        kernels = relax.transform.LiftTransformParams()(kernels)
         summary = {"kernels_tuned": len(covered), "kernels_total": len(tasks),
                    "trials": self.info.get("trials"), "records_sha256": self.info.get("records_sha256")}
         return kernels, summary
@@ -226,9 +236,9 @@ def tune_tvm(
         raise LoweringError("the model has no kernels to tune")
     found = len(extracted)
     extracted = heaviest_kernels(extracted, max_kernels or found)
-    per_task = -(-trials // len(extracted))  # ceil; >= 1 as trials >= 1
-    log(f"tuning {len(extracted)} of {found} kernels for '{preset}', "
-        f"{trials} trials (<= {per_task} per kernel)")
+    batch = min(64, trials)
+    log(f"tuning {len(extracted)} of {found} kernels for '{preset}', {trials} trials "
+        f"(a first batch of <= {batch} per kernel, the rest where it saves the most time)")
     t0 = time.perf_counter()
     progress = _progress_callback(trials, t0, log)
     built = [0]
@@ -248,8 +258,8 @@ def tune_tvm(
                 task_weights=weights,
                 work_dir=work,
                 max_trials_global=trials,
-                max_trials_per_task=per_task,
-                num_trials_per_iter=min(64, per_task),
+                max_trials_per_task=trials,
+                num_trials_per_iter=batch,
                 builder=builder,
                 runner=ms.runner.LocalRunner(timeout_sec=_TIMEOUT_S, evaluator_config=_cold_cache(p.device)),
                 database=ms.database.JSONDatabase(work_dir=str(db)),
@@ -356,6 +366,8 @@ def _reusing_builder(*, timeout_sec: float, initializer: Callable[[], None],
 
 
 def _progress_callback(total: int, t0: float, log: Callable[[str], None]) -> Any:
+    """A measure callback that logs each batch and stops a kernel (``terminate_task``) whose batch
+    measured nothing or that has no valid candidate yet (see the module docstring)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
@@ -373,8 +385,12 @@ def _progress_callback(total: int, t0: float, log: Callable[[str], None]) -> Any
             if times:
                 self.best[task_id] = min(self.best.get(task_id, float("inf")), min(times))
             name = task_scheduler.tasks_[task_id].ctx.task_name
-            best = f"{self.best[task_id] * 1e3:.3f} ms" if task_id in self.best else "no valid candidate yet"
-            log(f"[{self.done}/{total} trials, {time.perf_counter() - t0:.0f}s] {name}: best {best}")
+            best = f"{self.best[task_id] * 1e3:.3f} ms" if task_id in self.best else "no valid candidate"
+            stop = ("; stops: no new candidate" if not runner_results else
+                    "; stops, keeps the default schedule" if task_id not in self.best else "")
+            log(f"[{self.done}/{total} trials, {time.perf_counter() - t0:.0f}s] {name}: best {best}{stop}")
+            if stop:
+                task_scheduler.terminate_task(task_id)
 
     return Progress()
 

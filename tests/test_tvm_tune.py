@@ -32,7 +32,7 @@ def test_tuned_build_uses_the_database_and_matches_the_untuned_build(tmp_path):
     assert info["target"]["kind"] == "llvm" and {"tvm", "tvm_ffi"} <= set(info["versions"])
     # main calls two kernels, the matmuls (the weight transposes run once per weight set, in
     # main_transform_params); max_kernels=1 tunes the one with more FLOPs, 32 -> 64 (+ReLU)
-    assert list(info["kernels"]) == ["fused_matmul_add_relu"]
+    assert len(info["kernels"]) == 1 and next(iter(info["kernels"])).startswith("fused_matmul_add_relu")
     assert all(h.isdigit() for h in info["kernels"].values())
     assert (tmp_path / "db" / "database_tuning_record.json").stat().st_size > 0
     assert next(line for line in lines if line.startswith("tuning ")).startswith("tuning 1 of 2 kernels")
@@ -46,9 +46,30 @@ def test_tuned_build_uses_the_database_and_matches_the_untuned_build(tmp_path):
     assert tuned.meta.tuning_db["kernels_tuned"] == 1 and tuned.meta.tuning_db["kernels_total"] == 2
     saved = json.loads((tuned.save(tmp_path / "tuned") / "meta.json").read_text())
     assert saved["tuning"] == "tuned" and saved["tuning_db"]["records_sha256"] == info["records_sha256"]
+    # the tuned kernel reads its weight in a tiled layout; the repacking is a kernel of its own that runs
+    # once per weight set (main_transform_params), not a step of every run
+    assert "_weight_prepack" in tuned.kernel_source("llvm")
+    assert "_weight_prepack" not in untuned.kernel_source("llvm")
     x = torch.randn(2, 32)
     np.testing.assert_allclose(tuned(x).numpy(), untuned(x).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(tuned(x).numpy(), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_kernel_whose_candidates_are_spent_stops_and_leaves_the_budget(tmp_path):
+    # one elementwise kernel has a handful of schedules: once a batch brings no new candidate the
+    # kernel stops, instead of the scheduler searching it again until the 200 trials are used up
+    torch.manual_seed(0)
+    x = torch.randn(2, 32)
+    gm = torch.export.export(torch.nn.ReLU().eval(), (x,)).module()
+    model = regc.Model(gm=gm, input_names=["x"], output_names=["y"], example_inputs=(x,))
+    lines = []
+    tune_tvm(model, trials=200, db=tmp_path / "db", log=lines.append)
+    measured = [line for line in lines if " trials, " in line]
+    assert measured[-1].endswith("stops: no new candidate")
+    done = int(measured[-1].split("/")[0].lstrip("["))
+    assert 0 < done < 64  # every distinct candidate measured once, far from the budget
+    assert sum("stops" in line for line in measured) == 1
 
 
 @pytest.mark.slow
@@ -91,10 +112,12 @@ def test_stale_or_foreign_databases_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="was tuned for target 'aarch64' .*, not 'x86_64'"):
         lower_tvm(model, tuning_db=write_info(tmp_path / "other-target", preset="aarch64",
                                               target={"kind": "llvm", "mtriple": "aarch64-linux-gnu"}))
-    with pytest.raises(ConfigError, match="format_version 7, this regc reads 2; re-run 'regc tune'"):
+    with pytest.raises(ConfigError, match="format_version 7, this regc reads 3; re-run 'regc tune'"):
         lower_tvm(model, tuning_db=write_info(tmp_path / "future", format_version=7))
-    with pytest.raises(ConfigError, match="format_version 1, this regc reads 2"):  # kernels before lifting
+    with pytest.raises(ConfigError, match="format_version 1, this regc reads 3"):  # kernels before lifting
         lower_tvm(model, tuning_db=write_info(tmp_path / "old", format_version=1))
+    with pytest.raises(ConfigError, match="format_version 2, this regc reads 3"):  # weights not layout-free
+        lower_tvm(model, tuning_db=write_info(tmp_path / "v2", format_version=2))
 
 
 def test_tune_refuses_bad_requests(tmp_path):

@@ -2,19 +2,22 @@
 
     nice -n 5 python bench/tvm_tuned.py [--out bench/results/tvm_tuned.json] [--trials-per-kernel 4]
                                         [--max-kernels N] [--models resnet18_style,minilm] [--seq 32]
-                                        [--target x86_64_v3] [--db-dir DIR]
+                                        [--target x86_64_v3] [--db-dir DIR [--measure-only]]
 
 Per model after ``fold_bn`` (``regc.zoo.resnet18_style``: 1x3x32x32; ``regc.zoo.minilm``: 1 sentence
 padded to --seq tokens, static shapes): export ONNX (the baseline, onnxruntime CPU, 1 thread), lower
 with TVM for --target (default ``x86_64_v3``: AVX2+FMA) untuned, tune with
-``regc.backends.tvm_tune.tune_tvm`` (trials = --trials-per-kernel x kernels tuned; --max-kernels keeps
-the heaviest by calls x FLOPs), lower again
+``regc.backends.tvm_tune.tune_tvm`` (trials = --trials-per-kernel x kernels tuned, an average: the task
+scheduler spends them where they save the most time; --max-kernels keeps the heaviest by calls x
+FLOPs), lower again
 with the database, and time each TVM build against onnxruntime with ``regc.runtime.compare`` (calls
 interleaved, TVM at 1 thread: TVM_NUM_THREADS=1). Reported: median latencies, ratio = TVM /
 onnxruntime (goal: tuned <= 1.3), trials, tuning seconds, kernels covered, max abs output
 difference tuned vs onnxruntime, and where the tuned build's time goes (per kernel, in the model and
 in the tuner). The machine is shared, so absolute numbers drift;
-the ratios are from interleaved calls in the same run.
+the ratios are from interleaved calls in the same run. ``--measure-only`` skips tuning and times builds
+from the databases a ``--db-dir`` run kept (their trials and tuning time are reported as
+``database_*_total``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 import regc
 from regc import zoo
 from regc.backends.tvm_backend import lower_tvm
-from regc.backends.tvm_tune import tune_tvm
+from regc.backends.tvm_tune import TuningDatabase, tune_tvm
 from regc.runtime import compare
 from regc.runtime.artifact import open_artifact
 
@@ -53,7 +56,7 @@ def static_model(name: str, seq: int) -> regc.Model:
 
 
 def run_model(name: str, preset: str, trials_per_kernel: int, max_kernels: int | None, seq: int,
-              work: Path, db_dir: Path) -> dict:
+              work: Path, db_dir: Path, measure_only: bool = False) -> dict:
     model = static_model(name, seq)
     onnx_path = work / f"{name}.onnx"
     model.save(str(onnx_path))
@@ -71,10 +74,13 @@ def run_model(name: str, preset: str, trials_per_kernel: int, max_kernels: int |
     target = PRESETS[preset].tvm_target()
     tasks = kernel_tasks(fuse_kernels(import_relax(model).mod, target), target)
     kernels = len(tasks)
-    trials = trials_per_kernel * min(kernels, max_kernels or kernels)
+    trials = 0 if measure_only else trials_per_kernel * min(kernels, max_kernels or kernels)
     t0 = time.perf_counter()
-    db = tune_tvm(model, preset, trials=trials, db=db_dir / f"{name}-{preset}", max_kernels=max_kernels,
-                  log=lambda s: print(f"  {name}: {s}", flush=True))
+    if measure_only:  # time a build from the database already there
+        db = TuningDatabase.open(db_dir / f"{name}-{preset}", preset, target)
+    else:
+        db = tune_tvm(model, preset, trials=trials, db=db_dir / f"{name}-{preset}", max_kernels=max_kernels,
+                      log=lambda s: print(f"  {name}: {s}", flush=True))
     tune_s = time.perf_counter() - t0
     tuned_art = lower_tvm(model, preset, tuning_db=db.path)
     tuned = tuned_art.save(work / f"{name}-tuned")
@@ -111,6 +117,9 @@ def breakdown(art, arrays: list[np.ndarray], tasks: list, db, target, top: int =
     times = art.kernel_times(*arrays, runs=20)
     tuner = {name: sum(float(x) for x in r.run_secs) / len(r.run_secs)
              for name, r in db.records(tasks, target).items() if r.run_secs}
+    # a kernel whose tuned schedule repacks a weight is built as NAME_prepacked (the repacking runs once
+    # per weight set): the tuner's record is under NAME
+    tuner = {**tuner, **{f"{k}_prepacked": v for k, v in tuner.items()}}
     kernels = {k: v for k, v in times.items() if not k.startswith("vm.builtin")}
     rows = [{"kernel": k, "calls": c, "in_model_ms": round(sec * 1e3, 4),
              "tuner_ms": round(tuner[k] * c * 1e3, 4) if k in tuner else None}
@@ -134,7 +143,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--db-dir", help="keep each model's tuning database in DB_DIR/MODEL-TARGET; a database "
                                      "already there is extended (trials add up) instead of starting over")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="no tuning: build from the databases already in --db-dir and time them")
     args = ap.parse_args()
+    if args.measure_only and not args.db_dir:
+        ap.error("--measure-only times the databases in --db-dir: give --db-dir")
     torch.set_num_threads(1)
     results = {}
     with tempfile.TemporaryDirectory(prefix="regc-bench-tvm-") as tmp:
@@ -142,7 +155,7 @@ def main() -> None:
         for name in args.models.split(","):
             t0 = time.perf_counter()
             results[name] = run_model(name, args.target, args.trials_per_kernel, args.max_kernels, args.seq,
-                                      Path(tmp), db_dir)
+                                      Path(tmp), db_dir, args.measure_only)
             results[name]["total_seconds"] = round(time.perf_counter() - t0, 1)
             results[name]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
             print(name, json.dumps(results[name]), flush=True)

@@ -671,16 +671,19 @@ def _fast_math() -> dict[str, Callable[[Any, Any], Any]]:
             tirx.const(1.0, "float32") + tirx.const(0.044715, "float32") * x * x)
         return tirx.const(0.5, "float32") * x * (tirx.const(1.0, "float32") + topi.fast_tanh(inner))
 
+    def no_args(_call: Any) -> tuple[()]:
+        return ()
+
     def axis(call: Any) -> tuple[int]:
         return (int(call.attrs.axis),)
 
     # op -> (fast TE function, kernel name hint, the call's extra TE arguments)
     rules: dict[str, tuple[Callable[..., Any], str, Callable[[Any], tuple[Any, ...]]]] = {
-        "relax.exp": (topi.fast_exp, "tir_exp", lambda call: ()),
-        "relax.erf": (topi.fast_erf, "erf", lambda call: ()),
-        "relax.tanh": (topi.fast_tanh, "tir_tanh", lambda call: ()),
-        "relax.nn.gelu": (gelu, "gelu", lambda call: ()),
-        "relax.nn.gelu_tanh": (gelu_tanh, "gelu_tanh", lambda call: ()),
+        "relax.exp": (topi.fast_exp, "tir_exp", no_args),
+        "relax.erf": (topi.fast_erf, "erf", no_args),
+        "relax.tanh": (topi.fast_tanh, "tir_tanh", no_args),
+        "relax.nn.gelu": (gelu, "gelu", no_args),
+        "relax.nn.gelu_tanh": (gelu_tanh, "gelu_tanh", no_args),
         "relax.nn.softmax": (topi.nn.fast_softmax, "softmax", axis),
     }
 

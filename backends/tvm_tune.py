@@ -3,22 +3,21 @@
 For every fused kernel ``K`` of the model (``tvm_backend.fuse_kernels``, the same kernels a build
 compiles) tuning looks for a schedule ``s`` (loop tiling, vectorization, parallel loops, unrolling,
 inlining, and on CPUs the tiled layout each weight is read in: ``fuse_kernels`` marks weights
-layout-free, and a build repacks them once per weight set) that minimizes ``latency(K, s)``, measured
-on this machine. Repacking took 12 tuned MiniLM-shaped linears (512 trials) from 1.42x to 1.30x
+layout-free, and a build repacks them once per weight set) that minimizes ``latency(K, s)``, measured on
+this machine. Repacking took 12 tuned MiniLM-shaped linears (512 trials) from 1.42x to 1.30x
 onnxruntime; with the budget spent as below too, the tuned MiniLM runs at 1.00x (bench/tvm_tuned.py).
-Candidates come from an
-evolutionary search ranked by an XGBoost cost model fitted to the measurements so far. ``trials`` is
-the total number of measured candidates over all kernels, so tuning time grows linearly with it: every
-kernel gets a first batch (up to 64 candidates), then MetaSchedule's gradient task scheduler gives
-the rest, batch by batch, to the kernel whose progress cuts ``sum_K calls(K) * latency(K)`` most (in
-MiniLM, the three linear shapes). A kernel stops when a batch measures nothing (its design space is
-spent: an elementwise kernel has a handful of schedules) or it has no valid candidate after a batch
-(``take`` on random indices); the scheduler would otherwise keep picking them, and a 32-trials-per-kernel
-MiniLM tune spent 840 of its 1230 s on searches that measured nothing. Each batch also costs a fixed
-search overhead (the evolutionary search, ~10-30 s here; builds take ~0.5 s and measurements ~0.1 s a
-candidate), so ``max_kernels`` can restrict tuning to the kernels with the most work,
-``calls(K) * FLOPs(K)``; the others keep default schedules. Candidates are compiled in one
-builder process kept for the whole tune (TVM's ``LocalBuilder`` starts a new one, ~15 s, per batch).
+Candidates come from an evolutionary search ranked by an XGBoost cost model fitted to the measurements
+so far. ``trials`` is the total number of measured candidates over all kernels, so tuning time grows
+linearly with it: every kernel gets a first batch (up to 64 candidates), then MetaSchedule's gradient
+task scheduler gives the rest, batch by batch, to the kernel whose progress cuts ``sum_K calls(K) *
+latency(K)`` most (in MiniLM, the three linear shapes). A kernel stops when a batch measures nothing
+(its design space is spent: an elementwise kernel has a handful of schedules) or it has no valid
+candidate after a batch (``take`` on random indices); the scheduler would otherwise keep picking them,
+and a 32-trials-per-kernel MiniLM tune spent 840 of its 1230 s on searches that measured nothing. Each
+batch also costs a fixed search overhead (the evolutionary search, ~10-30 s here; builds take ~0.5 s and
+measurements ~0.1 s a candidate), so ``max_kernels`` can restrict tuning to the kernels with the most
+work, ``calls(K) * FLOPs(K)``; the others keep default schedules. Candidates are compiled in one builder
+process kept for the whole tune (TVM's ``LocalBuilder`` starts a new one, ~15 s, per batch).
 
 Untuned CPU builds are 22-155x slower than onnxruntime (ARCHITECTURE.md section 5): tune once per
 model, shapes and target, then reuse the folder::
@@ -96,6 +95,7 @@ class TuningDatabase:
 
     path: Path
     info: dict[str, Any]
+    _database: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path, preset: str, target: Any) -> "TuningDatabase":
@@ -128,9 +128,12 @@ class TuningDatabase:
         return cls(path, info)
 
     def database(self) -> Any:
-        from tvm.s_tir import meta_schedule as ms
+        """The folder's records as TVM's JSONDatabase, read from disk once."""
+        if self._database is None:
+            from tvm.s_tir import meta_schedule as ms
 
-        return ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=False)
+            self._database = ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=False)
+        return self._database
 
     def records(self, tasks: list[Any], target: Any) -> dict[str, Any]:
         """The best tuning record (schedule trace, ``run_secs``) held for each of ``tasks``

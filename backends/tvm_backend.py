@@ -554,17 +554,22 @@ def fuse_kernels(mod: Any, target: Any) -> Any:
     matrices (measured). Decodes are merged into their consumers first, so codes are never lifted into
     float weights.
 
-    On CPUs the kernels' weight buffers (``main``'s parameters) are then marked layout-free
-    (AttachAttrLayoutFreeBuffers): a tuned schedule may read a weight in a tiled layout of its choice,
-    and ``TuningDatabase.apply`` moves that repacking into ``main_transform_params`` too.
+    On CPUs, first, convs on narrow maps run channels-last (``tvm_conv_layout``), where their tuned
+    kernels vectorize over channels; and last, the kernels' weight buffers (``main``'s parameters) are
+    marked layout-free (AttachAttrLayoutFreeBuffers): a tuned schedule may read a weight in a tiled
+    layout of its choice, and ``TuningDatabase.apply`` moves that repacking into
+    ``main_transform_params`` too.
     """
     import tvm
     from tvm import relax
 
+    from regc.backends.tvm_conv_layout import narrow_convs_channels_last
+
     weights = _weight_names(mod["main"])
-    layout_free = [relax.transform.AttachAttrLayoutFreeBuffers()] if target.kind.name == "llvm" else []
+    cpu = target.kind.name == "llvm"
     with target:
         return tvm.transform.Sequential([
+            *([narrow_convs_channels_last(weights)] if cpu else []),
             *_backend_pipeline(target).library_dispatch_passes(target),
             relax.transform.LegalizeOps(_fast_math()),
             relax.transform.AnnotateTIROpPattern(),
@@ -574,7 +579,7 @@ def fuse_kernels(mod: Any, target: Any) -> Any:
             relax.transform.FuseOpsByPattern(_decode_patterns(weights), bind_constants=False),
             relax.transform.FuseTIR(),
             relax.transform.LiftTransformParams(),
-            *layout_free,
+            *([relax.transform.AttachAttrLayoutFreeBuffers()] if cpu else []),
         ])(mod)
 
 

@@ -53,7 +53,8 @@ INFO_FILE = "regc_tuning.json"
 # 2: fuse_kernels lifts weight-only kernels out of main and computes exp/erf/tanh with polynomials, which
 # changed the kernels (and keys) of most models; version-1 databases would match only some of them.
 # 3: CPU kernels' weight buffers are layout-free (a tuned schedule may repack them), which changed their keys.
-FORMAT_VERSION = 3
+# 4: CPU convs on narrow maps are NHWC kernels (tvm_conv_layout): a version-3 database has no record for them.
+FORMAT_VERSION = 4
 # Each candidate is built and run in a worker process that imports tvm first (seconds on a busy
 # machine); TVM's 30 s default times such candidates out and loses them.
 _TIMEOUT_S = 300.0

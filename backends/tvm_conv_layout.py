@@ -36,8 +36,9 @@ def narrow_convs_channels_last(weights: set[str]) -> Any:
     @mutator
     class ChannelsLast(PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
+            narrow = _narrow_float_conv(call, weights)  # the input call is typed: its output shape
             call = super().visit_call_(call)
-            if not _narrow_float_conv(call, weights):
+            if not narrow:
                 return call
             a = call.attrs
             x, w = call.args
@@ -61,7 +62,7 @@ def narrow_convs_channels_last(weights: set[str]) -> Any:
 
 def _narrow_float_conv(call: Any, weights: set[str]) -> bool:
     """Whether ``call`` is an NCHW/OIHW float32 conv2d with groups 1, static shapes, a weight
-    parameter from ``weights`` and an output at most ``MAX_NHWC_WIDTH`` wide."""
+    parameter from ``weights`` and an output (its inferred type) at most ``MAX_NHWC_WIDTH`` wide."""
     import tvm
     from tvm import relax
 
@@ -72,12 +73,9 @@ def _narrow_float_conv(call: Any, weights: set[str]) -> bool:
     if (int(a.groups) != 1 or a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
             or not isinstance(w, relax.Var) or w.name not in weights):
         return False
-    if any(str(t.dtype) != "float32" or t.shape is None for t in (x.ty, w.ty)):
+    types = (x.ty, w.ty, call.ty)
+    if any(str(t.dtype) != "float32" or t.shape is None for t in types):
         return False
-    dims = [*x.ty.shape, *w.ty.shape]
-    if not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+    if not all(isinstance(d, tvm.tirx.IntImm) for t in types for d in t.shape):
         return False
-    in_width, kernel_width = int(dims[3]), int(dims[7])
-    _, left, _, right = (int(p) for p in a.padding)
-    width = (in_width + left + right - int(a.dilation[1]) * (kernel_width - 1) - 1) // int(a.strides[1]) + 1
-    return width <= MAX_NHWC_WIDTH
+    return int(call.ty.shape[3]) <= MAX_NHWC_WIDTH

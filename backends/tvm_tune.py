@@ -54,7 +54,8 @@ INFO_FILE = "regc_tuning.json"
 # changed the kernels (and keys) of most models; version-1 databases would match only some of them.
 # 3: CPU kernels' weight buffers are layout-free (a tuned schedule may repack them), which changed their keys.
 # 4: CPU convs on narrow maps are NHWC kernels (tvm_conv_layout): a version-3 database has no record for them.
-FORMAT_VERSION = 4
+# 5: the NHWC layout spreads over those convs' bias adds, ReLUs and residual adds, now fused into them.
+FORMAT_VERSION = 5
 # Each candidate is built and run in a worker process that imports tvm first (seconds on a busy
 # machine); TVM's 30 s default times such candidates out and loses them.
 _TIMEOUT_S = 300.0

@@ -10,16 +10,16 @@ from regc.backends.tvm_conv_layout import narrow_convs_channels_last
 
 
 class Convs(torch.nn.Module):
-    """A 16-wide input: convs whose output is wider than 8 stay NCHW, narrower ones turn NHWC, except
+    """A 40-wide input: convs whose output is wider than 32 stay NCHW, narrower ones turn NHWC, except
     the grouped and the depthwise conv."""
 
     def __init__(self):
         super().__init__()
-        self.wide = torch.nn.Conv2d(3, 8, 3, padding=1)  # 16 wide: NCHW
-        self.strided = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)  # 8 wide: NHWC
+        self.wide = torch.nn.Conv2d(3, 8, 3, padding=1)  # 40 wide: NCHW
+        self.strided = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)  # 20 wide: NHWC
         self.dilated = torch.nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False)  # NHWC
         self.rect = torch.nn.Conv2d(16, 12, (1, 3), padding=(0, 1))  # NHWC
-        self.down = torch.nn.Conv2d(12, 16, 1, stride=2)  # 4 wide: NHWC
+        self.down = torch.nn.Conv2d(12, 16, 1, stride=2)  # 10 wide: NHWC
         self.grouped = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)  # NCHW
         self.depthwise = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)  # NCHW
 
@@ -35,7 +35,7 @@ class Convs(torch.nn.Module):
 def convs():
     torch.manual_seed(0)
     module = Convs().eval()
-    x = torch.randn(2, 3, 15, 16)  # odd height: the width alone decides
+    x = torch.randn(2, 3, 15, 40)  # odd height: the width alone decides
     return module, x, make_model(module, (x,))
 
 
@@ -52,6 +52,20 @@ def test_narrow_convs_turn_channels_last_and_the_others_stay(convs):
     assert conv_layouts(mod) == ["NCHW"] * 7
     rewritten = narrow_convs_channels_last(_weight_names(mod["main"]))(mod)
     assert conv_layouts(rewritten) == ["NCHW"] * 3 + ["NHWC"] * 4
+
+
+def test_the_channels_last_region_is_transposed_once_in_and_once_out(convs):
+    """Between the four NHWC convs, the bias adds, the ReLU and the residual add run NHWC too: the
+    activations are transposed where the region starts (before the strided conv) and where it ends
+    (before the grouped conv), not around every conv."""
+    _, _, model = convs
+    mod = import_relax(model).mod
+    rewritten = narrow_convs_channels_last(_weight_names(mod["main"]))(mod)
+    transposes = [b.value for block in rewritten["main"].body.blocks for b in block.bindings
+                  if hasattr(b.value, "op") and getattr(b.value.op, "name", "") == "relax.permute_dims"]
+    # the others transpose a weight or a bias (main_transform_params does, once): the batch is 2
+    activations = [t for t in transposes if int(t.args[0].ty.shape[0]) == 2]
+    assert [list(map(int, t.attrs.axes)) for t in activations] == [[0, 2, 3, 1], [0, 3, 1, 2]]
 
 
 def lifted_weight_shapes(model, preset):

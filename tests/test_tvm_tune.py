@@ -112,14 +112,16 @@ def test_stale_or_foreign_databases_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="was tuned for target 'aarch64' .*, not 'x86_64'"):
         lower_tvm(model, tuning_db=write_info(tmp_path / "other-target", preset="aarch64",
                                               target={"kind": "llvm", "mtriple": "aarch64-linux-gnu"}))
-    with pytest.raises(ConfigError, match="format_version 7, this regc reads 4; re-run 'regc tune'"):
+    with pytest.raises(ConfigError, match="format_version 7, this regc reads 5; re-run 'regc tune'"):
         lower_tvm(model, tuning_db=write_info(tmp_path / "future", format_version=7))
-    with pytest.raises(ConfigError, match="format_version 1, this regc reads 4"):  # kernels before lifting
+    with pytest.raises(ConfigError, match="format_version 1, this regc reads 5"):  # kernels before lifting
         lower_tvm(model, tuning_db=write_info(tmp_path / "old", format_version=1))
-    with pytest.raises(ConfigError, match="format_version 2, this regc reads 4"):  # weights not layout-free
+    with pytest.raises(ConfigError, match="format_version 2, this regc reads 5"):  # weights not layout-free
         lower_tvm(model, tuning_db=write_info(tmp_path / "v2", format_version=2))
-    with pytest.raises(ConfigError, match="format_version 3, this regc reads 4"):  # narrow convs still NCHW
+    with pytest.raises(ConfigError, match="format_version 3, this regc reads 5"):  # narrow convs still NCHW
         lower_tvm(model, tuning_db=write_info(tmp_path / "v3", format_version=3))
+    with pytest.raises(ConfigError, match="format_version 4, this regc reads 5"):  # NHWC convs unfused
+        lower_tvm(model, tuning_db=write_info(tmp_path / "v4", format_version=4))
 
 
 def test_tune_refuses_bad_requests(tmp_path):

@@ -112,6 +112,20 @@ def test_saved_artifact_matches_onnxruntime(lowered, kind, tmp_path):
     torch.testing.assert_close(art(x), model(x).detach(), **TOL)
 
 
+def test_runs_take_any_array_layout_and_return_outputs_of_their_own(lowered):
+    """A CPU run copies its inputs into buffers kept between runs and copies the outputs out: an
+    earlier run's outputs stay as they were, and a non-contiguous input gives the same result."""
+    model, art, _ = lowered("cnn")
+    x1, x2 = (torch.randn(*model.example_inputs[0].shape).numpy() for _ in range(2))
+    (first,) = art.run(x1)
+    kept = first.copy()
+    (second,) = art.run(np.asfortranarray(x2))
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_allclose(first, model(torch.from_numpy(x1)).detach().numpy(), **TOL)
+    np.testing.assert_allclose(second, model(torch.from_numpy(x2)).detach().numpy(), **TOL)
+    assert not np.shares_memory(first, art.run(x1)[0])
+
+
 def test_meta_json_describes_the_build(lowered):
     model, _, folder = lowered("cnn")
     meta = json.loads((folder / "meta.json").read_text())

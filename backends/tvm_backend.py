@@ -268,7 +268,8 @@ class TvmArtifact:
     """A compiled model: VM executable, weights (name -> ``tvm.runtime.Tensor``) and metadata.
 
     ``art(*tensors)`` runs it like ``Model`` (torch in, torch out); ``art.run(*arrays)`` takes and
-    returns numpy arrays. ``params`` may be swapped for another weight set with the same specs.
+    returns numpy arrays. ``params`` may be swapped for another weight set with the same specs. One run
+    at a time: the VM and, on CPUs, the input buffers are the artifact's own.
     """
 
     def __init__(
@@ -580,11 +581,11 @@ def fuse_kernels(mod: Any, target: Any) -> Any:
     matrices (measured). Decodes are merged into their consumers first, so codes are never lifted into
     float weights.
 
-    On CPUs, first, convs on narrow maps run channels-last (``tvm_conv_layout``), where their tuned
-    kernels vectorize over channels; and last, the kernels' weight buffers (``main``'s parameters) are
-    marked layout-free (AttachAttrLayoutFreeBuffers): a tuned schedule may read a weight in a tiled
-    layout of its choice, and ``TuningDatabase.apply`` moves that repacking into
-    ``main_transform_params`` too.
+    On CPUs, first, convs on maps up to 32 wide run channels-last (``tvm_conv_layout``: the layout is
+    carried over the ops between them), where their tuned kernels vectorize over channels; and last,
+    the kernels' weight buffers (``main``'s parameters) are marked layout-free
+    (AttachAttrLayoutFreeBuffers): a tuned schedule may read a weight in a tiled layout of its choice,
+    and ``TuningDatabase.apply`` moves that repacking into ``main_transform_params`` too.
     """
     import tvm
     from tvm import relax

@@ -282,6 +282,7 @@ class TvmArtifact:
         self._vm: Any = None
         self._main: Any = None  # the VM's main function
         self._device: Any = None
+        self._on_cpu = True  # set with the VM
         self._inputs: dict[int, tuple[Any, np.ndarray]] = {}  # CPU: input buffer and its numpy view
         self._weights: list[Any] = []  # main's weight arguments, made from...
         self._weights_source: list[Any] = []  # ...these params
@@ -361,8 +362,6 @@ class TvmArtifact:
     # ---- running -------------------------------------------------------------------------------
     def run(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """Run on numpy arrays in input order; return outputs in output order."""
-        import tvm
-
         specs = self.meta.inputs
         if len(arrays) != len(specs):
             raise InputMismatchError(
@@ -370,37 +369,44 @@ class TvmArtifact:
             )
         for spec, a in zip(specs, arrays, strict=True):
             spec.check_input(a)
+        inputs = self._device_inputs(arrays)  # first: it opens the VM
+        return tuple(map(self._host_array, self._main(*inputs, *self._main_weights())))
+
+    def _device_inputs(self, arrays: Sequence[np.ndarray]) -> list[Any]:
+        """``arrays`` as ``main``'s input tensors on the run device; opens the VM on first use.
+
+        On CPUs each array is copied into the buffer its input had in the previous run when the shape
+        is the same (through a numpy view of it), and outputs come back through DLPack
+        (``_host_array``). Python's share of a run is what this saves: a fresh ``tvm.runtime.tensor``
+        per input and ``Tensor.numpy`` per output (ctypes on every call) took ~0.25 ms of a 2 ms
+        ResNet-style run here, next to ~0.07 ms for the numpy copies in and out (measured).
+        """
+        import tvm
+
         if self._vm is None:
             from tvm.runtime.vm import VirtualMachine
 
             _check_arch(self.meta)
             self._device = _device(self.meta)
+            self._on_cpu = _device_kind(self.meta) == "cpu"
             self._vm = VirtualMachine(self.module, self._device)
             self._main = self._vm["main"]
-        if _device_kind(self.meta) != "cpu":
-            out = self._main(*(tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays),
-                             *self._main_weights())
-            return tuple(t.numpy() for t in out)
-        out = self._main(*map(self._cpu_input, range(len(arrays)), arrays), *self._main_weights())
-        return tuple(np.from_dlpack(t).copy() if str(t.dtype) in _NUMPY_DTYPES else t.numpy() for t in out)
+        if not self._on_cpu:
+            return [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
+        tensors = []
+        for i, array in enumerate(arrays):
+            buffer, view = self._inputs.get(i, (None, None))
+            if view is None or view.shape != array.shape or view.dtype != array.dtype:
+                buffer = tvm.runtime.empty(array.shape, str(array.dtype), self._device)
+                view = np.from_dlpack(buffer)
+                self._inputs[i] = buffer, view
+            np.copyto(view, array)
+            tensors.append(buffer)
+        return tensors
 
-    def _cpu_input(self, i: int, array: np.ndarray) -> Any:
-        """Input ``i`` as a TVM tensor: ``array`` copied into the buffer that input had in the previous
-        run when the shape is the same (a numpy view of it; a new buffer otherwise).
-
-        Python's share of a run is what this saves: a fresh ``tvm.runtime.tensor`` per input and
-        ``Tensor.numpy`` per output (ctypes on every call) took ~0.25 ms of a 2 ms ResNet-style run
-        here, next to ~0.07 ms for the numpy copies in and out (measured).
-        """
-        import tvm
-
-        buffer, view = self._inputs.get(i, (None, None))
-        if view is None or view.shape != array.shape or view.dtype != array.dtype:
-            buffer = tvm.runtime.empty(array.shape, str(array.dtype), self._device)
-            view = np.from_dlpack(buffer)
-            self._inputs[i] = buffer, view
-        np.copyto(view, array)
-        return buffer
+    def _host_array(self, t: Any) -> np.ndarray:
+        """A numpy copy of output ``t`` (DLPack on CPUs for the dtypes numpy has)."""
+        return np.from_dlpack(t).copy() if self._on_cpu and str(t.dtype) in _NUMPY_DTYPES else t.numpy()
 
     def kernel_times(self, *arrays: np.ndarray, runs: int = 10) -> dict[str, tuple[int, float]]:
         """Where a run's time goes: ``{VM function: (calls per run, seconds per run)}`` over ``runs`` runs
@@ -409,10 +415,8 @@ class TvmArtifact:
         """
         import time
 
-        import tvm
-
         self.run(*arrays)  # warm up; creates the VM and main's weights
-        inputs = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
+        inputs = self._device_inputs(arrays)
         calls: dict[str, int] = {}
         seconds: dict[str, float] = {}
         started: list[float] = []
@@ -428,7 +432,7 @@ class TvmArtifact:
         self._vm.set_instrument(instrument)
         try:
             for _ in range(runs):
-                self._vm["main"](*inputs, *self._main_weights())
+                self._main(*inputs, *self._main_weights())
         finally:
             self._vm.set_instrument(None)
         return {k: (calls[k] // runs, seconds[k] / runs) for k in sorted(seconds, key=lambda k: -seconds[k])}
@@ -439,7 +443,7 @@ class TvmArtifact:
         source = list(map(self.params.__getitem__, self._param_names))  # C loops: this runs every run
         kept = self._weights_source
         if len(source) != len(kept) or not all(map(operator.is_, source, kept)):
-            weights = source if _device_kind(self.meta) == "cpu" else [w.copyto(self._device) for w in source]
+            weights = source if self._on_cpu else [w.copyto(self._device) for w in source]
             if self._vm.module.implements_function(TRANSFORM_PARAMS):
                 weights = list(self._vm[TRANSFORM_PARAMS](weights))
             self._weights, self._weights_source = weights, source
